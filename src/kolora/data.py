@@ -1,0 +1,328 @@
+"""Reading QA / instruction data, checking it, and splitting it.
+
+Formats: CSV (UTF-8, UTF-8 with BOM, cp949/EUC-KR from Excel), JSON (a list of objects,
+Alpaca/KoAlpaca `instruction,input,output` or `question,answer`), JSONL (the same, or chat
+`messages`), and a Hugging Face hub dataset name when online. Nothing is dropped silently:
+every skipped row is counted with its reason and line in the `DataReport`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import KoloraError, nearest
+
+QUESTION_KEYS = ("question", "질문", "instruction", "prompt", "q", "query")
+ANSWER_KEYS = ("answer", "답변", "output", "response", "a", "completion")
+INPUT_KEYS = ("input", "context")
+CATEGORY_KEYS = ("category", "분류", "카테고리")
+DIFFICULTY_KEYS = ("difficulty", "난이도", "level")
+NAN_STRINGS = {"nan", "NaN", "NULL", "null", "None", "#N/A"}
+
+
+@dataclass
+class Example:
+    question: str
+    answer: str
+    category: str | None = None
+    difficulty: str | None = None
+    history: list = field(default_factory=list)  # earlier chat turns: [{"role", "content"}]
+    system: str | None = None
+    line: int = 0  # line (CSV/JSONL) or index (JSON) in the source file
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v not in (None, [], "")}
+
+
+@dataclass
+class DataReport:
+    path: str
+    encoding: str = "utf-8"
+    rows: int = 0
+    kept: int = 0
+    skipped: dict = field(default_factory=lambda: defaultdict(list))  # reason -> [line, …]
+
+    def skip(self, reason: str, line: int) -> None:
+        self.skipped[reason].append(line)
+
+    def lines(self) -> list[str]:
+        out = [f"{self.path}: {self.rows} rows read ({self.encoding}), {self.kept} kept"]
+        for reason, where in self.skipped.items():
+            shown = ", ".join(map(str, where[:10])) + (" …" if len(where) > 10 else "")
+            out.append(f"  skipped {len(where)} × {reason} (line {shown})")
+        return out
+
+
+# --------------------------------------------------------------------------- reading
+def decode(raw: bytes, path: Path) -> tuple[str, str]:
+    """UTF-8 (with or without BOM) first, then cp949 (a superset of EUC-KR, what Korean Excel writes)."""
+    for enc in ("utf-8-sig", "cp949"):
+        try:
+            return raw.decode(enc), "utf-8" if enc == "utf-8-sig" else enc
+        except UnicodeDecodeError:
+            continue
+    try:
+        from charset_normalizer import from_bytes
+
+        best = from_bytes(raw).best()
+        if best is not None and best.encoding:
+            return str(best), best.encoding
+    except ImportError:
+        pass
+    err = None
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        err = e
+    line = raw[: err.start].count(b"\n") + 1 if err else "?"
+    raise KoloraError(f"{path}:{line}: cannot decode the file as UTF-8 or cp949/EUC-KR",
+                      "save it as 'CSV UTF-8' in Excel, or convert it with iconv -t utf-8")
+
+
+def _pick(keys: list[str], names: tuple[str, ...]) -> str | None:
+    lowered = {k.strip().lower(): k for k in keys if isinstance(k, str)}
+    for n in names:
+        if n in lowered:
+            return lowered[n]
+    return None
+
+
+def _clean(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value != value:  # NaN
+        return ""
+    text = str(value).strip()
+    return "" if text in NAN_STRINGS else text
+
+
+def load_examples(path: str) -> tuple[list[Example], DataReport]:
+    p = Path(path).expanduser()
+    if not p.exists():
+        if "/" in path and not path.startswith((".", "/", "~")) and not p.suffix:
+            return _load_hub(path)
+        raise KoloraError(f"data file not found: {path}", "check the path (the bundled data is data/civil_law_qa.csv)")
+    if p.is_dir():
+        raise KoloraError(f"{path} is a directory", "pass a .csv, .json or .jsonl file")
+    suffix = p.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".json", ".jsonl"):
+        raise KoloraError(f"{path}: unsupported file type '{suffix}'", "use .csv, .json or .jsonl")
+    text, encoding = decode(p.read_bytes(), p)
+    report = DataReport(str(p), encoding)
+    if suffix in (".csv", ".tsv"):
+        records = _read_csv(text, p, "\t" if suffix == ".tsv" else ",")
+    elif suffix == ".jsonl":
+        records = _read_jsonl(text, p)
+    else:
+        records = _read_json(text, p)
+    examples = _to_examples(records, p, report)
+    return examples, report
+
+
+def _read_csv(text: str, path: Path, delimiter: str) -> list[tuple[int, dict]]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise KoloraError(f"{path}: the file is empty", "add a header row question,answer[,category,difficulty]") from None
+    header = [h.strip().lstrip("\ufeff") for h in header]
+    records = []
+    for row in reader:
+        line = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue  # blank line
+        if len(row) != len(header):
+            records.append((line, {"__bad__": f"has {len(row)} fields, header has {len(header)}"}))
+            continue
+        records.append((line, dict(zip(header, row))))
+    if not records:
+        _check_columns(header, path)  # a header-only file still gets the column check first
+    return records
+
+
+def _read_jsonl(text: str, path: Path) -> list[tuple[int, dict]]:
+    records = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise KoloraError(f"{path}:{i}:{e.colno}: invalid JSON ({e.msg})", "fix that line; each line must be one JSON object") from None
+        if not isinstance(obj, dict):
+            raise KoloraError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+        records.append((i, obj))
+    return records
+
+
+def _read_json(text: str, path: Path) -> list[tuple[int, dict]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise KoloraError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})", "fix the file, or use .jsonl for one object per line") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise KoloraError(f"{path}: expected a list of examples (or an object holding one list)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise KoloraError(f"{path}: expected a JSON list of examples")
+    out = []
+    for i, obj in enumerate(data):
+        if not isinstance(obj, dict):
+            raise KoloraError(f"{path}: item {i} is {type(obj).__name__}, expected an object")
+        out.append((i, obj))
+    return out
+
+
+def _check_columns(keys: list[str], path: Path) -> tuple[str, str]:
+    q, a = _pick(keys, QUESTION_KEYS), _pick(keys, ANSWER_KEYS)
+    for found, want in ((q, "question"), (a, "answer")):
+        if found is None:
+            guess = nearest(want, [k for k in keys if isinstance(k, str)])
+            hint = f"rename column '{guess}' to '{want}'" if guess else f"add a '{want}' column (or messages / instruction,output)"
+            raise KoloraError(f"{path}: no '{want}' column (found: {', '.join(map(str, keys)) or 'none'})", hint)
+    return q, a
+
+
+def _to_examples(records: list[tuple[int, dict]], path: Path, report: DataReport) -> list[Example]:
+    examples: list[Example] = []
+    seen: set[tuple[str, str]] = set()
+    cols = None
+    for line, rec in records:
+        report.rows += 1
+        if "__bad__" in rec:
+            report.skip(f"malformed row ({rec['__bad__']})", line)
+            continue
+        if "messages" in rec:
+            ex = _from_messages(rec["messages"], path, line)
+        else:
+            if cols is None:
+                cols = _check_columns(list(rec.keys()), path)
+            q = _clean(rec.get(cols[0]))
+            inp = _clean(rec.get(_pick(list(rec.keys()), INPUT_KEYS) or "", ""))
+            if q and inp:
+                q = f"{q}\n\n{inp}"
+            ex = Example(q, _clean(rec.get(cols[1])),
+                         _clean(rec.get(_pick(list(rec.keys()), CATEGORY_KEYS) or "")) or None,
+                         _clean(rec.get(_pick(list(rec.keys()), DIFFICULTY_KEYS) or "")) or None, line=line)
+        if ex is None:
+            report.skip("messages without a final assistant turn", line)
+            continue
+        if not ex.question:
+            report.skip("empty question", line)
+            continue
+        if not ex.answer:
+            report.skip("empty answer", line)
+            continue
+        key = (ex.question, ex.answer)
+        if key in seen:
+            report.skip("duplicate row", line)
+            continue
+        seen.add(key)
+        examples.append(ex)
+    report.kept = len(examples)
+    if not examples:
+        raise KoloraError(f"{path}: no usable examples ({'; '.join(report.lines()[1:]) or 'the file has no rows'})",
+                          "fix the rows listed, then run `kolora prepare` again")
+    return examples
+
+
+def _from_messages(messages, path: Path, line: int) -> Example | None:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        raise KoloraError(f"{path}:{line}: 'messages' must be a list of {{role, content}} objects")
+    if not messages or messages[-1]["role"] != "assistant":
+        return None
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    turns = messages[1:] if system is not None else messages
+    users = [i for i, m in enumerate(turns) if m["role"] == "user"]
+    if not users:
+        return None
+    last_user = users[-1]
+    return Example(_clean(turns[last_user]["content"]), _clean(turns[-1]["content"]),
+                   history=[dict(role=m["role"], content=m["content"]) for m in turns[:last_user]],
+                   system=system, line=line)
+
+
+def _load_hub(name: str) -> tuple[list[Example], DataReport]:
+    try:
+        import datasets
+    except ImportError:
+        raise KoloraError(f"'{name}' is not a local file; loading hub datasets needs the datasets package",
+                          "pip install datasets, or pass a local CSV/JSON/JSONL file") from None
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:  # noqa: BLE001 - network, auth, missing: all end the same way
+        raise KoloraError(f"cannot load dataset '{name}' from the Hugging Face hub ({type(e).__name__})",
+                          "check the name and the network, or download it as CSV/JSONL and pass the file") from None
+    report = DataReport(f"hub:{name}", "utf-8")
+    records = [(i, dict(r)) for i, r in enumerate(ds)]
+    return _to_examples(records, Path(name), report), report
+
+
+# --------------------------------------------------------------------------- splitting
+SPLITS = ("train", "validation", "test")
+
+
+def split_examples(examples: list[Example], fractions=(0.8, 0.1, 0.1), seed: int = 42) -> dict[str, list[Example]]:
+    """Seeded, deterministic split, stratified by category when the data has one.
+
+    Each category is shuffled with its own seeded RNG and cut by the fractions, so adding
+    rows of one category never moves rows of another between splits."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise KoloraError(f"data.split must be three fractions summing to 1, got {list(fractions)}", "e.g. 0.8,0.1,0.1")
+    groups: dict[str, list[Example]] = defaultdict(list)
+    for ex in examples:
+        groups[ex.category or ""].append(ex)
+    out = {s: [] for s in SPLITS}
+    for cat in sorted(groups):
+        items = groups[cat][:]
+        random.Random(f"{seed}:{cat}").shuffle(items)
+        n = len(items)
+        n_val = round(n * fractions[1])
+        n_test = round(n * fractions[2])
+        if n >= 3:  # every category appears in every non-empty split when it can
+            n_val = max(n_val, 1 if fractions[1] > 0 else 0)
+            n_test = max(n_test, 1 if fractions[2] > 0 else 0)
+        out["validation"] += items[:n_val]
+        out["test"] += items[n_val:n_val + n_test]
+        out["train"] += items[n_val + n_test:]
+    if not out["train"]:
+        raise KoloraError(f"the training split is empty ({len(examples)} examples)", "add data or change data.split")
+    return out
+
+
+def write_jsonl(examples: list[Example], path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[Example]:
+    with open(path, encoding="utf-8") as f:
+        return [Example(**json.loads(line)) for line in f if line.strip()]
+
+
+def count_hangul(text: str) -> int:
+    return sum(1 for ch in text if "\uac00" <= ch <= "\ud7a3")
+
+
+def category_table(splits: dict[str, list[Example]]) -> list[str]:
+    cats = sorted({ex.category or "-" for exs in splits.values() for ex in exs})
+    width = max([len(c) for c in cats] + [8])
+    lines = [f"{'category':<{width}} " + " ".join(f"{s:>10}" for s in SPLITS)]
+    for cat in cats:
+        counts = [sum(1 for ex in splits[s] if (ex.category or "-") == cat) for s in SPLITS]
+        lines.append(f"{cat:<{width}} " + " ".join(f"{c:>10}" for c in counts))
+    lines.append(f"{'total':<{width}} " + " ".join(f"{len(splits[s]):>10}" for s in SPLITS))
+    return lines
+
+
+def difficulty_counts(examples: list[Example]) -> Counter:
+    return Counter(ex.difficulty or "-" for ex in examples)

@@ -1,0 +1,63 @@
+"""Rough plan for `kolora train --dry-run`: memory and time before any training step.
+
+Memory: base weights in their dtype + LoRA weights, gradients and AdamW moments (fp32, 16
+bytes per parameter) + activations (~34·hidden bytes per token per layer in 16-bit, the
+Megatron rule of thumb) + answer-position logits. Time: ~4N FLOPs per token for a frozen
+base (forward 2N + activation gradients 2N) plus the output layer at answer positions,
+at an assumed 35% of a matmul peak measured here in the compute dtype."""
+
+from __future__ import annotations
+
+import time
+
+
+def matmul_peak_gflops(dtype_name: str, seconds: float = 0.3) -> float:
+    import torch
+
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    n = 1024
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def plan_lines(cfg, src, train_data, total_steps: int, precision: str) -> list[str]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(src.path, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    from .models import lora_param_count, target_modules
+
+    n_params = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight.numel()
+    hidden = model.get_input_embeddings().weight.shape[1]
+    vocab = config.vocab_size
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 12)
+    lora = lora_param_count(model, target_modules(model, cfg.lora.target_modules), cfg.lora.r)
+    bytes_w = {"4bit": 0.56, "8bit": 1.0}.get(cfg.model.quantization, 2 if precision in ("bf16", "fp16") else 4)
+    seq = max(len(t.input_ids) for t in train_data)
+    tok_step = cfg.train.batch_size * seq
+    ans_frac = sum(t.answer_tokens for t in train_data) / max(1, sum(len(t.input_ids) for t in train_data))
+    act = tok_step * layers * hidden * 34 * (1 if precision in ("bf16", "fp16") else 2)
+    if cfg.train.gradient_checkpointing:
+        act /= 8  # only layer inputs are kept
+    logits = tok_step * ans_frac * vocab * 10
+    mem = n_params * bytes_w + lora * 16 + act + logits + 0.6e9  # + runtime, tokenizer, python
+    tokens_total = total_steps * cfg.train.grad_accum * sum(len(t.input_ids) for t in train_data) / max(len(train_data), 1) * cfg.train.batch_size
+    flops_tok = 4 * (n_params - emb) + 4 * vocab * hidden * ans_frac + 6 * lora
+    peak = matmul_peak_gflops(precision)
+    seconds = tokens_total * flops_tok / (0.35 * peak * 1e9)
+    return [
+        f"estimate: {n_params / 1e6:.0f} M base parameters ({bytes_w:g} bytes each), {lora / 1e6:.2f} M LoRA",
+        f"estimate: peak memory ≈ {mem / 2**30:.1f} GiB (weights {n_params * bytes_w / 2**30:.2f}, activations {act / 2**30:.2f}, "
+        f"logits {logits / 2**30:.2f})",
+        f"estimate: ≈ {tokens_total:,.0f} tokens, {flops_tok / 1e9:.2f} GFLOP/token, matmul peak here {peak:.0f} GFLOP/s "
+        f"→ roughly {seconds / 60:.1f} min",
+        "dry run: nothing was trained",
+    ]

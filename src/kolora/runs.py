@@ -1,0 +1,78 @@
+"""A run directory describes itself; every command after `train` takes only its path.
+
+    runs/<name>/
+      config.yaml            resolved config (re-runnable with `kolora train --config`)
+      run.json               model source, versions, summary figures
+      adapter/               PEFT format: adapter_config.json + adapter_model.safetensors
+      tokenizer/             the tokenizer used in training (chat template included)
+      data/{train,validation,test}.jsonl   the exact split
+      metrics.jsonl          one JSON object per log / eval event
+      tensorboard/           TensorBoard event files
+      checkpoints/step-NNNNNN/   adapter + optimizer + scheduler + RNG, written atomically
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config as config_mod
+from .errors import KoloraError
+
+
+@dataclass
+class Run:
+    path: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / "tokenizer"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def info_file(self) -> Path:
+        return self.path / "run.json"
+
+    def split(self, name: str) -> Path:
+        return self.path / "data" / f"{name}.jsonl"
+
+    def config(self) -> config_mod.RunConfig:
+        import yaml
+
+        return config_mod.from_dict(yaml.safe_load(self.config_file.read_text(encoding="utf-8")))
+
+    def info(self) -> dict:
+        return json.loads(self.info_file.read_text()) if self.info_file.is_file() else {}
+
+    def update_info(self, **values) -> None:
+        info = self.info()
+        info.update(values)
+        self.info_file.write_text(json.dumps(info, indent=2, ensure_ascii=False))
+
+
+def open_run(path: str, need_adapter: bool = True) -> Run:
+    run = Run(Path(path).expanduser())
+    if not run.path.is_dir():
+        raise KoloraError(f"run directory not found: {path}", "pass the directory `kolora train` wrote (e.g. runs/demo)")
+    if not run.config_file.is_file():
+        raise KoloraError(f"{path} is not a kolora run (no config.yaml)", "pass the directory `kolora train` wrote")
+    if need_adapter and not (run.adapter / "adapter_model.safetensors").is_file():
+        raise KoloraError(f"{path} has no trained adapter yet (adapter/adapter_model.safetensors)",
+                          f"finish training first, or resume it: kolora train --resume {path}")
+    return run

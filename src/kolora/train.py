@@ -1,0 +1,491 @@
+"""`kolora train`: LoRA / QLoRA fine-tuning, one explicit loop built on Accelerate.
+
+Reads top to bottom: resolve config → data (split, tokenize, length check) → model + LoRA →
+optimizer + schedule → the loop (accumulate, clip, step, log, eval, checkpoint) → final
+adapter, base-vs-tuned test loss, run summary. The same command runs under
+`accelerate launch` (DDP/FSDP/DeepSpeed); Accelerate owns the processes, kolora owns the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .config import RunConfig, save_yaml
+from .data import SPLITS, Example, category_table, load_examples, split_examples, write_jsonl
+from .errors import KoloraError
+from .models import ModelSource, load_model, load_tokenizer, resolve, target_modules
+from .prompt import IGNORE, encode_example
+from .runs import Run
+
+
+# --------------------------------------------------------------------------- data → tensors
+@dataclass
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def answer_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+def tokenize_split(tokenizer, examples: list[Example], cfg: RunConfig) -> tuple[list[Tokenized], list[Example], list[int]]:
+    """Tokenize; rows over max_length are dropped (truncation would cut the EOS) and returned."""
+    kept, kept_ex, too_long = [], [], []
+    for ex in examples:
+        ids, labels = encode_example(tokenizer, ex, cfg.data.system_prompt, cfg.data.template)
+        if len(ids) > cfg.data.max_length:
+            too_long.append(ex.line)
+            continue
+        kept.append(Tokenized(ids, labels))
+        kept_ex.append(ex)
+    return kept, kept_ex, too_long
+
+
+class LengthGroupedBatches:
+    """Batches of similar length (less padding), reshuffled each epoch from (seed, epoch).
+
+    Deterministic: the batches of epoch e depend only on the seed, e and the lengths, so a
+    resumed run sees exactly the batches the interrupted one would have seen."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group: int = 16):
+        self.lengths, self.batch_size, self.seed, self.group, self.epoch = lengths, batch_size, seed, group, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        span = self.batch_size * self.group  # sort within windows: grouped yet still random
+        batches = []
+        for start in range(0, len(order), span):
+            window = sorted(order[start:start + span], key=lambda i: self.lengths[i])
+            batches += [window[i:i + self.batch_size] for i in range(0, len(window), self.batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self):
+        return iter(self.batches(self.epoch))
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
+def collate(items: list[Tokenized], pad_id: int):
+    import torch
+
+    width = max(len(t.input_ids) for t in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, t in enumerate(items):  # right padding; labels by position, never by pad id
+        n = len(t.input_ids)
+        ids[row, :n] = torch.tensor(t.input_ids)
+        labels[row, :n] = torch.tensor(t.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# --------------------------------------------------------------------------- the loss
+def answer_loss_module(peft_model):
+    """Wrap the model so that forward returns (summed CE, answer-token count).
+
+    The output layer runs only at answer positions. For Gemma-3 (262k vocabulary) the full
+    logits are most of the compute and memory of a step; the prompt positions' logits are
+    never needed because their labels are ignored. Wrapping (instead of calling submodules
+    from the loop) keeps DDP's gradient hooks on the path."""
+    import torch
+
+    class AnswerLoss(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+            causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+            self.backbone = getattr(causal, causal.base_model_prefix)
+            self.head = causal.get_output_embeddings()
+            self.softcap = getattr(causal.config, "final_logit_softcapping", None)
+
+        def forward(self, input_ids, attention_mask, labels):
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            # position t predicts token t+1
+            targets = labels[:, 1:]
+            keep = targets != IGNORE
+            h = hidden[:, :-1][keep]
+            logits = self.head(h).float()
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            loss_sum = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+            return loss_sum, keep.sum()
+
+    return AnswerLoss(peft_model)
+
+
+def evaluate_loss(loss_model, data: list[Tokenized], pad_id: int, batch_size: int, autocast) -> float:
+    """Mean answer-token cross entropy over `data` (token-weighted)."""
+    import torch
+
+    if not data:
+        return float("nan")
+    was_training = loss_model.training
+    loss_model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
+    with torch.no_grad(), autocast():
+        for start in range(0, len(order), batch_size):
+            batch = collate([data[i] for i in order[start:start + batch_size]], pad_id)
+            loss_sum, n = loss_model(**batch)
+            total += float(loss_sum)
+            count += int(n)
+    loss_model.train(was_training)
+    return total / max(count, 1)
+
+
+# --------------------------------------------------------------------------- setup helpers
+def resolve_precision(requested: str, use_cuda: bool) -> str:
+    import torch
+
+    if requested != "auto":
+        if requested not in ("no", "bf16", "fp16"):
+            raise KoloraError(f"train.mixed_precision '{requested}' is not one of auto, bf16, fp16, no")
+        return requested
+    if use_cuda:
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "no"
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def base_dtype(cfg: RunConfig, precision: str) -> str:
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    # Frozen weights held in bf16 halve memory and skip autocast's per-step weight casts.
+    return "bfloat16" if precision == "bf16" else "float32"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def default_output_dir(model_name: str) -> str:
+    stem = Path(model_name).name.replace(".gguf", "") or "model"
+    return str(Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def attach_lora(model, cfg: RunConfig):
+    from peft import LoraConfig, get_peft_model
+
+    targets = target_modules(model, cfg.lora.target_modules)
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=targets, use_rslora=cfg.lora.use_rslora, use_dora=cfg.lora.use_dora,
+                      bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora), targets
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(run: Run, step: int, loss_model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    """Write into a temp dir, fsync, then rename: a checkpoint is complete or absent."""
+    import torch
+    from safetensors.torch import save_file
+
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    final = run.checkpoints / f"step-{step:06d}"
+    tmp = run.checkpoints / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    loss_model.model.save_pretrained(tmp / "adapter")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+    (tmp / "trainer_state.json").write_text(json.dumps(
+        {**state, "scheduler": scheduler.state_dict(), "python_random": None}, indent=2))
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(run.checkpoints.glob("step-*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run: Run) -> Path | None:
+    done = [p for p in sorted(run.checkpoints.glob("step-*")) if (p / "trainer_state.json").is_file()]
+    return done[-1] if done else None
+
+
+def load_checkpoint(ckpt: Path, loss_model, optimizer, scheduler) -> dict:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(loss_model.model, load_file(ckpt / "adapter" / "adapter_model.safetensors"))
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    scheduler.load_state_dict(state.pop("scheduler"))
+    torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch"])
+    return state
+
+
+# --------------------------------------------------------------------------- the recipe
+def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False) -> Path | None:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    # 1. config and run directory ---------------------------------------------------------
+    run = Run(Path(resume or cfg.train.output_dir or default_output_dir(cfg.model.name)))
+    use_cuda = torch.cuda.is_available()
+    precision = resolve_precision(cfg.train.mixed_precision, use_cuda)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    accelerator = Accelerator(mixed_precision=precision, cpu=not use_cuda)
+    is_main = accelerator.is_main_process
+    say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
+    set_seed(cfg.train.seed)
+
+    # 2. data -----------------------------------------------------------------------------
+    src: ModelSource = resolve(cfg.model.name)
+    tokenizer = load_tokenizer(src, cfg.model.trust_remote_code)
+    examples, report = load_examples(cfg.data.path)
+    for line in report.lines():
+        say(line)
+    splits = split_examples(examples, cfg.data.split, cfg.data.seed)
+    tokenized, dropped = {}, {}
+    for name in SPLITS:
+        tokenized[name], splits[name], dropped[name] = tokenize_split(tokenizer, splits[name], cfg)
+    n_dropped = sum(len(v) for v in dropped.values())
+    if n_dropped:
+        say(f"dropped {n_dropped} rows longer than data.max_length={cfg.data.max_length} tokens "
+            f"(lines {', '.join(str(x) for v in dropped.values() for x in v[:10])}); raise data.max_length to keep them")
+    if not tokenized["train"]:
+        raise KoloraError("no training rows left after the length check", f"raise data.max_length (now {cfg.data.max_length})")
+    for line in category_table(splits):
+        say("  " + line)
+
+    train_data = tokenized["train"]
+    sampler = LengthGroupedBatches([len(t.input_ids) for t in train_data], cfg.train.batch_size, cfg.train.seed)
+    loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler,
+                                         collate_fn=lambda b: collate(b, tokenizer.pad_token_id))
+    local_batches = math.ceil(len(sampler) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(local_batches / cfg.train.grad_accum)
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    train_tokens = sum(len(t.input_ids) for t in train_data)
+    say(f"plan: {len(train_data)} train rows, {train_tokens:,} tokens/epoch, {total_steps} optimizer steps "
+        f"(batch {cfg.train.batch_size} × accum {cfg.train.grad_accum} × {accelerator.num_processes} process(es)), "
+        f"precision {precision}, device {accelerator.device}")
+    if dry_run:
+        from .estimate import plan_lines
+
+        for line in plan_lines(cfg, src, train_data, total_steps, precision):
+            say(line)
+        return None
+
+    # 3. model + LoRA ---------------------------------------------------------------------
+    dtype = base_dtype(cfg, precision)
+    model = load_model(src, dtype, cfg.model.quantization, cfg.model.trust_remote_code,
+                       device=accelerator.device if cfg.model.quantization != "none" else None)
+    if cfg.model.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    elif cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model, targets = attach_lora(model, cfg)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    say(f"model {cfg.model.name} ({src.kind}), base {dtype}, LoRA r={cfg.lora.r} on {','.join(targets)}: "
+        f"{n_train / 1e6:.2f} M trainable ({100 * n_train / n_all:.2f}%)")
+    loss_model = answer_loss_module(model)
+
+    # 4. optimizer + schedule -------------------------------------------------------------
+    params = [p for p in loss_model.parameters() if p.requires_grad]
+    try:
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, foreach=True)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total_steps), total_steps)
+    loss_model, optimizer, loader = accelerator.prepare(loss_model, optimizer, loader)
+    unwrapped = accelerator.unwrap_model(loss_model)
+
+    # 5. the run directory and resume -------------------------------------------------------
+    state = {"step": 0, "micro_step": 0, "best_val": None, "bad_evals": 0, "tokens": 0, "answer_tokens": 0}
+    if resume:
+        ckpt = latest_checkpoint(run)
+        if ckpt is None:
+            raise KoloraError(f"{run.path} has no complete checkpoint to resume from", "start a new run instead")
+        state = load_checkpoint(ckpt, unwrapped, optimizer, scheduler)
+        say(f"resumed from {ckpt.name}: step {state['step']}, {state['micro_step']} micro-batches done")
+    if is_main:
+        (run.path / "data").mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run.config_file, f"# kolora train --config {run.config_file}\n")
+        for name in SPLITS:
+            write_jsonl(splits[name], run.split(name))
+        tokenizer.save_pretrained(run.tokenizer)
+        run.update_info(kolora_version=__version__, model=cfg.model.name, model_source=src.kind,
+                        model_path=src.path, base_dtype=dtype, precision=precision, lora_targets=targets,
+                        trainable_params=n_train, total_params=n_all, processes=accelerator.num_processes,
+                        data_report=report.lines(), dropped_too_long=n_dropped)
+    accelerator.wait_for_everyone()
+    metrics_file = open(run.metrics, "a", encoding="utf-8") if is_main else None
+    tb = None
+    if is_main and cfg.train.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(run.path / "tensorboard"))
+
+    def log(event: dict) -> None:
+        if not is_main:
+            return
+        metrics_file.write(json.dumps(event) + "\n")
+        metrics_file.flush()
+        if tb:
+            for k, v in event.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    tb.add_scalar(f"{event['kind']}/{k}", v, event["step"])
+
+    eval_data = tokenized["validation"]
+    ev_bs = max(cfg.train.batch_size, 8)
+
+    def run_eval(step: int) -> float:
+        val = evaluate_loss(unwrapped, eval_data, tokenizer.pad_token_id, ev_bs, accelerator.autocast)
+        log({"kind": "eval", "step": step, "val_loss": val})
+        return val
+
+    # 6. the loop ---------------------------------------------------------------------------
+    if state["step"] == 0 and eval_data:
+        state["best_val"] = run_eval(0)  # LoRA B starts at 0: this is the base model's loss
+        say(f"step 0 validation loss {state['best_val']:.4f} (= base model)")
+    micro_batches = len(loader)  # per process, per epoch
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not is_main, desc="train", unit="step", dynamic_ncols=True)
+    loss_model.train()
+    batches = _stream(loader, sampler, micro_batches, state["micro_step"], accelerator)
+    t_last, tok_last, window_loss = time.time(), state["tokens"], []
+    t_start = time.time()
+    stop_reason = "max steps"
+    while state["step"] < total_steps:
+        window = [next(batches) for _ in range(cfg.train.grad_accum)]
+        window_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in window)
+        step_loss = 0.0
+        for i, batch in enumerate(window):
+            sync = i == len(window) - 1
+            ctx = accelerator.no_sync(loss_model) if not sync else _nullcontext()
+            with ctx, accelerator.autocast():
+                loss_sum, _ = loss_model(**batch)
+                loss = loss_sum / max(window_tokens, 1)  # token-weighted mean over the whole window
+            accelerator.backward(loss)
+            step_loss += float(loss)
+            state["tokens"] += int(batch["attention_mask"].sum())
+        state["answer_tokens"] += window_tokens
+        state["micro_step"] += len(window)
+        grad_norm = None
+        if cfg.train.max_grad_norm > 0:
+            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
+        if not math.isfinite(step_loss):
+            raise KoloraError(f"loss became {step_loss} at step {state['step'] + 1}",
+                              "lower train.lr or use train.mixed_precision no; the last checkpoint is intact")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["step"] += 1
+        window_loss.append(step_loss)
+        step = state["step"]
+
+        if step % cfg.train.log_every == 0 or step == total_steps:
+            now = time.time()
+            tps = (state["tokens"] - tok_last) * accelerator.num_processes / max(now - t_last, 1e-9)
+            loss_avg = sum(window_loss) / len(window_loss)
+            log({"kind": "train", "step": step, "epoch": state["micro_step"] / micro_batches, "loss": loss_avg,
+                 "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tps,
+                 "elapsed_s": now - t_start, "peak_rss_mb": peak_rss_mb()})
+            bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tps:.0f}")
+            t_last, tok_last, window_loss = now, state["tokens"], []
+        bar.update(1)
+
+        if eval_data and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
+            val = run_eval(step)
+            bar.write(f"step {step}: validation loss {val:.4f}") if is_main else None
+            if state["best_val"] is None or val < state["best_val"]:
+                state["best_val"], state["bad_evals"] = val, 0
+            else:
+                state["bad_evals"] += 1
+                if cfg.train.early_stopping_patience and state["bad_evals"] >= cfg.train.early_stopping_patience:
+                    stop_reason = f"early stopping (no improvement in {state['bad_evals']} evaluations)"
+                    break
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
+            if is_main:
+                save_checkpoint(run, step, unwrapped, optimizer, scheduler, state, cfg.train.keep_checkpoints)
+            accelerator.wait_for_everyone()
+    bar.close()
+    train_time = time.time() - t_start
+
+    # 7. final adapter, evaluation, summary ------------------------------------------------
+    final_val = run_eval(state["step"]) if eval_data else None
+    if is_main:
+        save_checkpoint(run, state["step"], unwrapped, optimizer, scheduler, state, cfg.train.keep_checkpoints)
+        unwrapped.model.save_pretrained(run.adapter)
+    test = tokenized["test"]
+    summary = {"steps": state["step"], "stop_reason": stop_reason, "train_time_s": round(train_time, 1),
+               "tokens": state["tokens"], "answer_tokens": state["answer_tokens"],
+               "tokens_per_s": round(state["tokens"] * accelerator.num_processes / max(train_time, 1e-9), 1),
+               "val_loss": final_val, "peak_rss_mb": round(peak_rss_mb())}
+    if test:
+        tuned = evaluate_loss(unwrapped, test, tokenizer.pad_token_id, ev_bs, accelerator.autocast)
+        with unwrapped.model.disable_adapter():
+            base = evaluate_loss(unwrapped, test, tokenizer.pad_token_id, ev_bs, accelerator.autocast)
+        summary.update(test_loss_base=base, test_loss_tuned=tuned, test_loss_change=(tuned - base) / base)
+        log({"kind": "test", "step": state["step"], "base_loss": base, "tuned_loss": tuned})
+    if is_main:
+        run.update_info(summary=summary)
+        metrics_file.close()
+        if tb:
+            tb.close()
+        say(f"done: {state['step']} steps in {train_time:.0f} s ({summary['tokens_per_s']:.0f} tokens/s, "
+            f"peak RSS {summary['peak_rss_mb']} MB), stopped by {stop_reason}")
+        if final_val is not None:
+            say(f"validation loss {final_val:.4f}")
+        if test:
+            say(f"test loss: base {summary['test_loss_base']:.4f} → tuned {summary['test_loss_tuned']:.4f} "
+                f"({100 * summary['test_loss_change']:+.1f}%)")
+        say(f"adapter: {run.adapter}")
+    accelerator.wait_for_everyone()
+    return run.path
+
+
+def _stream(loader, sampler, per_epoch: int, start_micro: int, accelerator):
+    """Endless micro-batches across epochs, starting after `start_micro` consumed ones."""
+    epoch, skip = divmod(start_micro, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        it = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in it:
+            yield batch
+        epoch, skip = epoch + 1, 0
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

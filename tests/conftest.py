@@ -1,0 +1,128 @@
+"""Fixtures: tiny randomly initialised models of every supported architecture, with an
+offline byte-level BPE tokenizer trained here on the bundled Korean data (so Korean text
+tokenizes sensibly and nothing is downloaded)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data" / "civil_law_qa.csv"
+ARCHS = ["gpt2", "llama", "gemma3", "phi"]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_env(tmp_path_factory):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Tests never write to the user's cache, except the real-model tests that share the converted models.
+    if "KOLORA_CACHE" not in os.environ:
+        os.environ["KOLORA_CACHE"] = str(Path.home() / ".cache" / "kolora")
+    yield
+
+
+def corpus() -> list[str]:
+    texts = ["### 질문:", "### 답변:", "전세권 임대차 보증금 민법 제312조 제1항"]
+    with open(DATA, encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            texts += [row["question"], row["answer"]]
+    return texts
+
+
+def make_tokenizer(chat_template: bool = False):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    if chat_template:
+        fast.chat_template = CHATML
+        fast.eos_token = "<|im_end|>"
+        fast.pad_token = "<|im_end|>"  # like SmolLM2: pad == eos, the case that breaks id-based masks
+    return fast
+
+
+def make_config(arch: str, vocab: int):
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, PhiConfig
+
+    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=512, **common)
+    if arch == "llama":
+        return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=512, **common)
+    if arch == "gemma3":
+        return Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=1, head_dim=32, max_position_embeddings=512, sliding_window=64,
+                                **common)
+    if arch == "phi":
+        return PhiConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=512, **common)
+    raise ValueError(arch)
+
+
+def build_tiny(path: Path, arch: str, chat_template: bool = False) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    tok = make_tokenizer(chat_template)
+    model = AutoModelForCausalLM.from_config(make_config(arch, len(tok)))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    out = {arch: build_tiny(root / arch, arch) for arch in ARCHS}
+    out["llama-chat"] = build_tiny(root / "llama-chat", "llama", chat_template=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_csv(tmp_path_factory) -> Path:
+    """60 rows of the bundled data (stratified split still has every category)."""
+    path = tmp_path_factory.mktemp("data") / "small.csv"
+    with open(DATA, encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    by_cat: dict[str, list] = {}
+    for r in rows:
+        by_cat.setdefault(r["category"], []).append(r)
+    picked = [r for cat in sorted(by_cat) for r in by_cat[cat][:10]]
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["question", "answer", "category", "difficulty"])
+        w.writeheader()
+        w.writerows(picked)
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd: Path | None = None):
+    """Run `python -m kolora …` in a subprocess, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "kolora", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=cwd or ROOT)
+
+
+TINY_TRAIN = ["--train.max_steps", "6", "--train.batch_size", "4", "--train.grad_accum", "2", "--train.lr", "3e-3",
+              "--train.eval_every", "3", "--train.save_every", "3", "--train.log_every", "1",
+              "--train.tensorboard", "false", "--lora.r", "4", "--lora.alpha", "8", "--data.max_length", "512"]
