@@ -8,8 +8,8 @@ import sys
 from dataclasses import MISSING, fields
 
 from . import __version__
-from .config import SECTIONS, RunConfig, all_keys, load_yaml, parse_scalar
-from .errors import KoloraError, nearest
+from .config import SECTIONS, RunConfig, load_yaml, parse_scalar, suggest_key
+from .errors import KoloraError
 
 ALIASES = {  # short flags for the keys people set most
     "--model": "model.name", "--data": "data.path", "--out": "train.output_dir",
@@ -20,13 +20,13 @@ ALIASES = {  # short flags for the keys people set most
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line with a hint, instead of usage + error
-        hint = "see `kolora --help`"
+        hint = f"see `{self.prog} --help`"
         if "unrecognized arguments" in message:
             bad = message.split(":", 1)[1].split()[0]
-            guess = nearest(bad.lstrip("-"), all_keys() + [a.lstrip("-") for a in ALIASES])
+            guess = suggest_key(bad) if bad.startswith("--") else None
             if guess:
                 hint = f"did you mean --{guess}?"
-        raise KoloraError(f"{self.prog}: {message}", hint)
+        raise KoloraError(f"{message} ({self.prog})", hint)
 
 
 def add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -75,6 +75,7 @@ def build_parser() -> Parser:
     add_config_flags(p)
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its newest checkpoint")
     p.add_argument("--dry-run", action="store_true", help="check config and data, print the plan, train nothing")
+    p.add_argument("--force", action="store_true", help="replace an existing run in the output directory")
 
     p = sub.add_parser("prepare", help="check a dataset and show its statistics")
     p.add_argument("path", nargs="?", help="data file (default: data.path of the config)")
@@ -194,9 +195,29 @@ def cmd_doctor(args) -> None:
     print(f"model cache   {cache_root()} (KOLORA_CACHE)")
 
 
+def quiet_libraries() -> None:
+    """Library chatter (deprecation notes, per-tensor progress bars) hides kolora's own lines."""
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*kernels.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    if not debug:
+        quiet_libraries()
     try:
         args = build_parser().parse_args(argv)
         return dispatch(args)
@@ -242,7 +263,7 @@ def dispatch(args) -> int:
                     cfg.set(key, parse_scalar(value), source=f"--{key}")
             train(cfg, resume=args.resume)
         else:
-            train(build_config(args), dry_run=args.dry_run)
+            train(build_config(args), dry_run=args.dry_run, force=args.force)
     elif args.command == "prepare":
         cmd_prepare(args)
     elif args.command == "chat":

@@ -92,16 +92,36 @@ class RunConfig:
         """Set `section.key` from a YAML-typed value, checking the key and the type."""
         section, _, key = dotted.partition(".")
         if section not in SECTIONS or not key:
-            guess = nearest(dotted, all_keys())
+            guess = suggest_key(dotted)
             raise KoloraError(f"unknown config key '{dotted}' ({source})",
                               f"did you mean '{guess}'?" if guess else "see `kolora train --help` for the keys")
         obj = getattr(self, section)
         names = {f.name: f for f in fields(obj)}
         if key not in names:
-            guess = nearest(f"{section}.{key}", all_keys())
+            guess = suggest_key(f"{section}.{key}")
             raise KoloraError(f"unknown config key '{dotted}' ({source})",
                               f"did you mean '{guess}'?" if guess else f"keys of '{section}': {', '.join(names)}")
         setattr(obj, key, coerce(value, names[key], dotted, source))
+
+
+# Names users bring from transformers / TRL / peft, mapped to ours.
+SYNONYMS = {
+    "learning_rate": "train.lr", "num_train_epochs": "train.epochs", "num_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size", "micro_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum", "max_seq_length": "data.max_length",
+    "max_seq_len": "data.max_length", "cutoff_len": "data.max_length", "lora_r": "lora.r", "rank": "lora.r",
+    "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout", "output": "train.output_dir",
+    "warmup": "train.warmup_ratio", "warmup_steps": "train.warmup_ratio", "bf16": "train.mixed_precision",
+    "load_in_4bit": "model.quantization", "model_name_or_path": "model.name", "dataset": "data.path",
+}
+
+
+def suggest_key(bad: str) -> str | None:
+    """The config key a user most likely meant."""
+    leaf = bad.lstrip("-").rsplit(".", 1)[-1].replace("-", "_")
+    if leaf in SYNONYMS:
+        return SYNONYMS[leaf]
+    return nearest(bad.lstrip("-").replace("-", "_"), all_keys())
 
 
 def all_keys() -> list[str]:

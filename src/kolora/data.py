@@ -61,27 +61,25 @@ class DataReport:
 
 # --------------------------------------------------------------------------- reading
 def decode(raw: bytes, path: Path) -> tuple[str, str]:
-    """UTF-8 (with or without BOM) first, then cp949 (a superset of EUC-KR, what Korean Excel writes)."""
+    """UTF-8 (with or without BOM), UTF-16 with BOM (Excel's "Unicode text"), then cp949 — a
+    superset of EUC-KR, what Korean Excel writes for "CSV". No guessing beyond that: a wrong
+    guess would silently turn Korean into mojibake."""
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return raw.decode("utf-16"), "utf-16"
+        except UnicodeDecodeError:
+            pass
     for enc in ("utf-8-sig", "cp949"):
         try:
             return raw.decode(enc), "utf-8" if enc == "utf-8-sig" else enc
         except UnicodeDecodeError:
             continue
     try:
-        from charset_normalizer import from_bytes
-
-        best = from_bytes(raw).best()
-        if best is not None and best.encoding:
-            return str(best), best.encoding
-    except ImportError:
-        pass
-    err = None
-    try:
         raw.decode("utf-8")
+        line = "?"
     except UnicodeDecodeError as e:
-        err = e
-    line = raw[: err.start].count(b"\n") + 1 if err else "?"
-    raise KoloraError(f"{path}:{line}: cannot decode the file as UTF-8 or cp949/EUC-KR",
+        line = raw[: e.start].count(b"\n") + 1
+    raise KoloraError(f"{path}:{line}: cannot decode the file as UTF-8, UTF-16 or cp949/EUC-KR",
                       "save it as 'CSV UTF-8' in Excel, or convert it with iconv -t utf-8")
 
 

@@ -244,7 +244,7 @@ def load_checkpoint(ckpt: Path, loss_model, optimizer, scheduler) -> dict:
 
 
 # --------------------------------------------------------------------------- the recipe
-def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False) -> Path | None:
+def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, force: bool = False) -> Path | None:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -252,6 +252,11 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False) -> P
 
     # 1. config and run directory ---------------------------------------------------------
     run = Run(Path(resume or cfg.train.output_dir or default_output_dir(cfg.model.name)))
+    if not resume and not dry_run and run.path.is_dir() and any(run.path.iterdir()):
+        if not force:
+            raise KoloraError(f"output directory {run.path} already holds a run",
+                              f"resume it with `kolora train --resume {run.path}`, pick another --out, or pass --force to replace it")
+        shutil.rmtree(run.path)
     use_cuda = torch.cuda.is_available()
     precision = resolve_precision(cfg.train.mixed_precision, use_cuda)
     if cfg.train.threads > 0:
@@ -282,7 +287,9 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False) -> P
 
     train_data = tokenized["train"]
     sampler = LengthGroupedBatches([len(t.input_ids) for t in train_data], cfg.train.batch_size, cfg.train.seed)
-    loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler,
+    # Its own generator: creating an iterator must not draw from the global RNG (dropout's),
+    # or a resumed run would see different dropout masks than the uninterrupted one.
+    loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler, generator=torch.Generator().manual_seed(0),
                                          collate_fn=lambda b: collate(b, tokenizer.pad_token_id))
     local_batches = math.ceil(len(sampler) / accelerator.num_processes)
     steps_per_epoch = math.ceil(local_batches / cfg.train.grad_accum)
@@ -394,7 +401,7 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False) -> P
                 loss_sum, _ = loss_model(**batch)
                 loss = loss_sum / max(window_tokens, 1)  # token-weighted mean over the whole window
             accelerator.backward(loss)
-            step_loss += float(loss)
+            step_loss += float(loss.detach())
             state["tokens"] += int(batch["attention_mask"].sum())
         state["answer_tokens"] += window_tokens
         state["micro_step"] += len(window)

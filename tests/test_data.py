@@ -1,0 +1,134 @@
+import csv
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from kolora.data import load_examples, split_examples
+from kolora.errors import KoloraError
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = [("전세권이란 무엇인가요?", "민법 제303조 제1항에 따라 …", "전세권", "쉬움"),
+        ("집주인이 보증금을 안 돌려줘요", "주택임대차보호법 제3조의3에 따라 …", "주택임대차", "보통")]
+
+
+def write_csv(path: Path, rows, encoding="utf-8", header=("question", "answer", "category", "difficulty")):
+    with open(path, "w", encoding=encoding, newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "cp949", "euc-kr", "utf-16"])
+def test_csv_encodings_from_excel_just_work(tmp_path, encoding):
+    path = write_csv(tmp_path / "qa.csv", ROWS, encoding)
+    examples, report = load_examples(str(path))
+    assert [e.question for e in examples] == [r[0] for r in ROWS]
+    assert examples[0].category == "전세권"
+    assert report.encoding in ("utf-8", "cp949", "utf-16")
+
+
+def test_bom_does_not_end_up_in_the_first_column(tmp_path):
+    path = write_csv(tmp_path / "qa.csv", ROWS, "utf-8-sig")
+    examples, _ = load_examples(str(path))
+    assert examples[0].question == ROWS[0][0]
+
+
+def test_missing_answer_column_suggests_nearest(tmp_path):
+    path = write_csv(tmp_path / "qa.csv", ROWS, header=("question", "answers", "category", "difficulty"))
+    with pytest.raises(KoloraError) as e:
+        load_examples(str(path))
+    assert "no 'answer' column" in str(e.value) and "answers" in e.value.hint
+
+
+def test_empty_nan_and_duplicate_rows_are_counted_not_silently_dropped(tmp_path):
+    rows = ROWS + [("빈 답변", "   ", "", ""), ("NaN 답변", "nan", "", ""), ROWS[0]]
+    path = write_csv(tmp_path / "qa.csv", rows)
+    examples, report = load_examples(str(path))
+    assert len(examples) == 2
+    assert report.rows == 5 and report.kept == 2
+    assert report.skipped["empty answer"] == [4, 5]
+    assert report.skipped["duplicate row"] == [6]
+    assert any("empty answer" in line for line in report.lines())
+
+
+def test_all_rows_empty_is_one_error(tmp_path):
+    path = write_csv(tmp_path / "qa.csv", [("질문", "", "", "")])
+    with pytest.raises(KoloraError, match="no usable examples"):
+        load_examples(str(path))
+
+
+def test_undecodable_file(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_bytes(b"question,answer\n\xff\xfe\xfa\xfb,\x80\x81\x82\n")
+    with pytest.raises(KoloraError, match="cannot decode"):
+        load_examples(str(path))
+
+
+def test_alpaca_json_and_messages_jsonl(tmp_path):
+    alpaca = tmp_path / "ko_alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "요약하세요", "input": "전세권은 …", "output": "전세권 요약"},
+                                  {"instruction": "전세란?", "input": "", "output": "전세는 …"}], ensure_ascii=False),
+                      encoding="utf-8")
+    examples, _ = load_examples(str(alpaca))
+    assert examples[0].question == "요약하세요\n\n전세권은 …" and examples[1].answer == "전세는 …"
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps({"messages": m}, ensure_ascii=False) for m in [
+        [{"role": "system", "content": "법률 도우미"}, {"role": "user", "content": "안녕"},
+         {"role": "assistant", "content": "안녕하세요"}, {"role": "user", "content": "전세란?"},
+         {"role": "assistant", "content": "전세는 …"}],
+    ]), encoding="utf-8")
+    (ex,), _ = load_examples(str(chat))
+    assert ex.system == "법률 도우미" and ex.question == "전세란?" and len(ex.history) == 2
+
+
+def test_malformed_jsonl_names_line_and_column(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "a", "answer": "b"}\n{"question": "c", "answer": }\n', encoding="utf-8")
+    with pytest.raises(KoloraError, match=r"bad.jsonl:2:\d+: invalid JSON"):
+        load_examples(str(path))
+
+
+def test_missing_file_and_unsupported_type(tmp_path):
+    with pytest.raises(KoloraError, match="not found"):
+        load_examples(str(tmp_path / "nope.csv"))
+    (tmp_path / "x.xlsx").write_bytes(b"PK")
+    with pytest.raises(KoloraError, match="unsupported file type"):
+        load_examples(str(tmp_path / "x.xlsx"))
+
+
+def test_split_is_deterministic_stratified_8_1_1():
+    examples, _ = load_examples(str(ROOT / "data" / "civil_law_qa.csv"))
+    a = split_examples(examples, (0.8, 0.1, 0.1), seed=42)
+    b = split_examples(examples, (0.8, 0.1, 0.1), seed=42)
+    c = split_examples(examples, (0.8, 0.1, 0.1), seed=7)
+    key = lambda s: [e.question for e in s["test"]]  # noqa: E731
+    assert key(a) == key(b) and key(a) != key(c)
+    n = len(examples)
+    assert abs(len(a["train"]) - 0.8 * n) <= 6 and abs(len(a["test"]) - 0.1 * n) <= 6
+    questions = [e.question for s in a.values() for e in s]
+    assert len(questions) == len(set(questions)) == n  # a partition
+    for cat, count in Counter(e.category for e in examples).items():
+        in_test = sum(1 for e in a["test"] if e.category == cat)
+        assert abs(in_test - 0.1 * count) <= 1, cat  # stratified
+
+
+def test_bundled_dataset_quality():
+    with open(ROOT / "data" / "civil_law_qa.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) >= 300
+    assert list(rows[0].keys()) == ["question", "answer", "category", "difficulty"]
+    assert len({r["question"] for r in rows}) == len(rows), "duplicate questions"
+    assert len({r["answer"] for r in rows}) == len(rows), "duplicate answers"
+    cite = re.compile(r"(민법|주택임대차보호법( 시행령)?|상가건물 임대차보호법) 제\d+조(의\d+)?")
+    for r in rows:
+        assert cite.search(r["answer"]), f"no article cited: {r['question']}"
+        assert r["difficulty"] in ("쉬움", "보통", "어려움")
+    cats = Counter(r["category"] for r in rows)
+    assert {"전세권", "민법임대차", "주택임대차", "상가임대차"} <= set(cats)
+    colloquial = sum(1 for r in rows if re.search(r"(요\?|요\.|요$|줘요|대요|네요)", r["question"]))
+    assert colloquial > 100, "everyday phrasings, not only textbook ones"

@@ -1,0 +1,88 @@
+"""LoRA invariants, checked directly on tiny models of every architecture (as peft's own tests do)."""
+
+import pytest
+import torch
+from conftest import ARCHS
+
+from kolora.config import RunConfig
+from kolora.data import Example
+from kolora.models import ModelSource, load_model, load_tokenizer, target_modules
+from kolora.train import answer_loss_module, attach_lora, collate, Tokenized
+from kolora.prompt import encode_example
+
+EXPECTED = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+}
+
+
+def setup(path, arch):
+    src = ModelSource(arch, str(path), "local")
+    tok = load_tokenizer(src)
+    model = load_model(src, "float32")
+    cfg = RunConfig()
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 4, 8, 0.0
+    peft_model, targets = attach_lora(model, cfg)
+    exs = [Example("전세권이란?", "민법 제303조에 따른 권리입니다."), Example("보증금을 안 줘요", "주택임대차보호법 제3조의3을 보세요.")]
+    batch = collate([Tokenized(*encode_example(tok, e)) for e in exs], tok.pad_token_id)
+    return tok, peft_model, targets, batch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_auto_targets_per_architecture_never_lm_head(tiny_models, arch):
+    model = load_model(ModelSource(arch, str(tiny_models[arch]), "local"), "float32")
+    assert target_modules(model, "auto") == EXPECTED[arch]
+    assert "lm_head" not in target_modules(model, "all-linear")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_only_adapter_weights_change_and_invariants_hold(tiny_models, arch, tmp_path):
+    torch.manual_seed(0)
+    tok, model, _, batch = setup(tiny_models[arch], arch)
+    # LoRA B starts at zero so the adapter is a no-op; make it non-trivial first.
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss_model = answer_loss_module(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss_sum, n = loss_model(**batch)
+        (loss_sum / n).backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed, "training changed nothing"
+    assert all("lora_" in n for n in changed), f"non-adapter weights changed: {changed - {n for n in changed if 'lora_' in n}}"
+
+    model.eval()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        tuned = model(**inputs).logits
+        with model.disable_adapter():
+            disabled = model(**inputs).logits
+    base = load_model(ModelSource(arch, str(tiny_models[arch]), "local"), "float32").eval()
+    with torch.no_grad():
+        base_logits = base(**inputs).logits
+    assert torch.allclose(disabled, base_logits, atol=1e-5), "disabled adapter must give the base output"
+    assert not torch.allclose(tuned, base_logits, atol=1e-4), "adapter had no effect"
+
+    # the answer-only loss equals the full-logits loss on the same labels
+    labels = batch["labels"]
+    with torch.no_grad():
+        full = torch.nn.functional.cross_entropy(tuned[:, :-1].reshape(-1, tuned.size(-1)), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        mine, _ = loss_model(**batch)
+    assert torch.allclose(full, mine, rtol=1e-4)
+
+    # stock peft loads the saved adapter and gives the same output; merged == adapter
+    from peft import PeftModel
+
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    fresh = load_model(ModelSource(arch, str(tiny_models[arch]), "local"), "float32")
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        again = reloaded(**inputs).logits
+        merged = reloaded.merge_and_unload()(**inputs).logits
+    assert torch.allclose(again, tuned, atol=1e-5)
+    assert torch.allclose(merged, tuned, atol=1e-4)

