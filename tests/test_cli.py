@@ -119,6 +119,7 @@ BAD_INPUTS = {
     "unknown config key": (["train", "--train.learning_rate", "1"], ["unrecognized arguments", "train.lr"]),
     "offline hub id": (["train", "--model", "someone/not-cached-model", "--dry-run"],
                        ["Hugging Face hub", "gemma3-270m"]),
+    "offline hub dataset": (["prepare", "someone/korean-qa"], ["cannot load dataset 'someone/korean-qa'"]),
 }
 
 
@@ -160,3 +161,27 @@ def test_models_doctor_inspect(tiny_models):
     r = run_cli("inspect", str(tiny_models["gpt2"]), "--r", "8")
     assert r.returncode == 0, r.stderr
     assert "suggested LoRA targets: c_attn,c_proj,c_fc" in r.stdout and "trainable parameters" in r.stdout
+
+
+def test_training_options_gradient_checkpointing_dora_rslora_tensorboard(tiny_models, small_csv, tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("train", "--model", str(tiny_models["gemma3"]), "--data", str(small_csv), "--out", str(run),
+                *TINY_TRAIN, "--max-steps", "2", "--train.gradient_checkpointing", "true", "--lora.use_dora", "true",
+                "--lora.use_rslora", "true", "--train.tensorboard", "true")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is True and cfg["use_rslora"] is True
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    train_events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert all(0 < e["mfu"] < 1 for e in train_events)
+
+
+def test_early_stopping(tiny_models, small_csv, tmp_path):
+    run = tmp_path / "run"
+    # lr 0: the validation loss cannot improve, so patience 1 stops at the first evaluation.
+    r = run_cli("train", "--model", str(tiny_models["llama"]), "--data", str(small_csv), "--out", str(run),
+                *TINY_TRAIN, "--max-steps", "20", "--train.eval_every", "2", "--train.lr", "0",
+                "--train.early_stopping_patience", "1")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((run / "run.json").read_text())["summary"]
+    assert summary["steps"] == 2 and summary["stop_reason"].startswith("early stopping")

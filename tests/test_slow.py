@@ -81,3 +81,22 @@ def test_real_smollm2_uses_its_chat_template(small_csv):
     assert text.startswith("<|im_start|>system\n도우미<|im_end|>") and text.endswith("<|im_start|>assistant\n")
     ids, labels = encode_example(tok, Example("전세란?", "답"))
     assert tok.pad_token_id == tok.eos_token_id and labels[-1] == tok.eos_token_id
+
+
+def test_a_gguf_file_is_converted_once_and_cached(tmp_path):
+    import time
+
+    from kolora.models import PRESETS, resolve
+
+    gguf = PRESETS["smollm2-135m"].locate()
+    env_cache = os.environ["KOLORA_CACHE"]
+    os.environ["KOLORA_CACHE"] = str(tmp_path / "cache")
+    try:
+        src = resolve(str(gguf))
+        assert src.kind == "gguf" and (tmp_path / "cache" / "models").is_dir()
+        assert list((tmp_path / "cache" / "models").glob("gguf-*/model.safetensors"))
+        t0 = time.time()
+        assert resolve(str(gguf)).path == src.path  # cached: no second conversion
+        assert time.time() - t0 < 5
+    finally:
+        os.environ["KOLORA_CACHE"] = env_cache

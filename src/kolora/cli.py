@@ -111,7 +111,7 @@ def cmd_prepare(args) -> None:
 
     from .data import category_table, count_hangul, difficulty_counts, load_examples, split_examples
     from .models import load_tokenizer, resolve
-    from .train import tokenize_split
+    from .prompt import IGNORE, encode_example
 
     cfg = build_config(args)
     if args.path:
@@ -126,11 +126,10 @@ def cmd_prepare(args) -> None:
     diff = difficulty_counts(examples)
     print("difficulty: " + ", ".join(f"{k} {v}" for k, v in sorted(diff.items())))
     tokenizer = load_tokenizer(resolve(cfg.model.name), cfg.model.trust_remote_code)
-    tokenized, _, too_long = tokenize_split(tokenizer, examples, cfg)
-    from .prompt import encode_example
-
-    lengths = sorted(len(encode_example(tokenizer, ex, cfg.data.system_prompt, cfg.data.template)[0]) for ex in examples)
-    answer_tok = sum(len(tokenizer(ex.answer, add_special_tokens=False).input_ids) for ex in examples)
+    tokenized = [encode_example(tokenizer, ex, cfg.data.system_prompt, cfg.data.template) for ex in examples]
+    too_long = [ex.line for ex, (ids, _) in zip(examples, tokenized) if len(ids) > cfg.data.max_length]
+    lengths = sorted(len(ids) for ids, _ in tokenized)
+    answer_tok = sum(sum(1 for x in labels if x != IGNORE) - 1 for _, labels in tokenized)  # minus the EOS
     hangul = sum(count_hangul(ex.answer) for ex in examples)
     p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
     print(f"tokens per example with {cfg.model.name} (prompt + answer + EOS): p50 {statistics.median(lengths):.0f}, "

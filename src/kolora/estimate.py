@@ -25,6 +25,24 @@ def matmul_peak_gflops(dtype_name: str, seconds: float = 0.3) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
+def train_flops(model, tokens: int, answer_tokens: int, seq_len: float, lora_params: int) -> float:
+    """FLOPs of one training pass over `tokens` (frozen base, LoRA trained).
+
+    Per token: 4·N for the frozen body (forward 2N + activation gradients 2N; no weight
+    gradients), 6·N_lora for the adapters (they also get weight gradients), and attention
+    4·layers·seq·d_attn forward, twice that backward. The output layer (2·V·d forward +
+    2·V·d backward) runs only at answer positions."""
+    config = model.config
+    emb = model.get_input_embeddings().weight
+    vocab, hidden = emb.shape
+    n_body = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n) - emb.numel()
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    attention = 3 * 4 * layers * seq_len * heads * head_dim
+    return tokens * (4 * n_body + 6 * lora_params + attention) + answer_tokens * 4 * vocab * hidden
+
+
 def plan_lines(cfg, src, train_data, total_steps: int, precision: str) -> list[str]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

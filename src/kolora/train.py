@@ -322,6 +322,11 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, forc
     say(f"model {cfg.model.name} ({src.kind}), base {dtype}, LoRA r={cfg.lora.r} on {','.join(targets)}: "
         f"{n_train / 1e6:.2f} M trainable ({100 * n_train / n_all:.2f}%)")
     loss_model = answer_loss_module(model)
+    from .estimate import matmul_peak_gflops, train_flops
+
+    # MFU = achieved FLOP/s ÷ a matmul peak measured here, now, in the compute dtype.
+    peak = None if use_cuda else matmul_peak_gflops(precision) * 1e9
+    mean_len = train_tokens / len(train_data)
 
     # 4. optimizer + schedule -------------------------------------------------------------
     params = [p for p in loss_model.parameters() if p.requires_grad]
@@ -387,7 +392,7 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, forc
     bar = tqdm(total=total_steps, initial=state["step"], disable=not is_main, desc="train", unit="step", dynamic_ncols=True)
     loss_model.train()
     batches = _stream(loader, sampler, micro_batches, state["micro_step"], accelerator)
-    t_last, tok_last, window_loss = time.time(), state["tokens"], []
+    t_last, tok_last, ans_last, window_loss = time.time(), state["tokens"], state["answer_tokens"], []
     t_start = time.time()
     stop_reason = "max steps"
     while state["step"] < total_steps:
@@ -420,13 +425,17 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, forc
 
         if step % cfg.train.log_every == 0 or step == total_steps:
             now = time.time()
-            tps = (state["tokens"] - tok_last) * accelerator.num_processes / max(now - t_last, 1e-9)
+            tokens, answers = state["tokens"] - tok_last, state["answer_tokens"] - ans_last
+            tps = tokens * accelerator.num_processes / max(now - t_last, 1e-9)
+            flops = train_flops(unwrapped.model, tokens, answers, mean_len, n_train)
+            mfu = flops / max(now - t_last, 1e-9) / peak if peak else None
             loss_avg = sum(window_loss) / len(window_loss)
             log({"kind": "train", "step": step, "epoch": state["micro_step"] / micro_batches, "loss": loss_avg,
                  "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tps,
-                 "elapsed_s": now - t_start, "peak_rss_mb": peak_rss_mb()})
-            bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tps:.0f}")
-            t_last, tok_last, window_loss = now, state["tokens"], []
+                 "answer_tokens_per_s": answers * accelerator.num_processes / max(now - t_last, 1e-9),
+                 "mfu": mfu, "elapsed_s": now - t_start, "peak_rss_mb": peak_rss_mb()})
+            bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tps:.0f}", **({"mfu": f"{100 * mfu:.0f}%"} if mfu else {}))
+            t_last, tok_last, ans_last, window_loss = now, state["tokens"], state["answer_tokens"], []
         bar.update(1)
 
         if eval_data and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
