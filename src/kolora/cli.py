@@ -41,14 +41,25 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
                                metavar="V", help=f"{f.metadata.get('help', '')} [default: {default}]")
 
 
-def build_config(args) -> RunConfig:
-    cfg = load_yaml(args.config) if getattr(args, "config", None) else RunConfig()
+def flag_value(key: str, text: str):
+    """Text fields stay text ('no', '1.0', a Korean prompt); other fields parse like YAML."""
+    section, name = key.split(".", 1)
+    kind = {f.name: str(f.type) for f in fields(SECTIONS[section])}[name]
+    return text if kind.startswith("str") else parse_scalar(text)
+
+
+def apply_flags(cfg: RunConfig, args, allowed: tuple[str, ...] | None = None) -> RunConfig:
     for dest, value in vars(args).items():
         if dest.startswith("cfg:"):
             key = dest[4:]
-            cfg.set(key, parse_scalar(value) if key != "model.name" and key != "data.path" else value,
-                    source=f"--{key}")
+            if allowed is not None and key not in allowed:
+                raise KoloraError(f"--{key} cannot change when resuming", f"only {', '.join('--' + k for k in allowed)} can")
+            cfg.set(key, flag_value(key, value), source=f"--{key}")
     return cfg
+
+
+def build_config(args) -> RunConfig:
+    return apply_flags(load_yaml(args.config) if getattr(args, "config", None) else RunConfig(), args)
 
 
 def add_gen_flags(p: argparse.ArgumentParser) -> None:
@@ -253,14 +264,8 @@ def dispatch(args) -> int:
             from .runs import open_run
 
             run = open_run(args.resume, need_adapter=False)
-            cfg = run.config()
-            for dest, value in vars(args).items():  # only the length of the run may change on resume
-                if dest.startswith("cfg:"):
-                    key = dest[4:]
-                    if key not in ("train.max_steps", "train.epochs"):
-                        raise KoloraError(f"--{key} cannot change when resuming", "only --train.max_steps / --train.epochs can")
-                    cfg.set(key, parse_scalar(value), source=f"--{key}")
-            train(cfg, resume=args.resume)
+            # only the length of the run may change on resume
+            train(apply_flags(run.config(), args, ("train.max_steps", "train.epochs")), resume=args.resume)
         else:
             train(build_config(args), dry_run=args.dry_run, force=args.force)
     elif args.command == "prepare":

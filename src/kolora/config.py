@@ -170,6 +170,8 @@ def coerce(value, f: dataclasses.Field, dotted: str, source: str):
         return list(value)
     if kind == "Any":
         return value
+    if isinstance(value, bool):  # YAML 1.1 reads `no` as False: `mixed_precision: no` means "no"
+        return "no" if value is False else "yes"
     return str(value)
 
 

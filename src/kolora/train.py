@@ -251,6 +251,10 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, forc
     from transformers import get_cosine_schedule_with_warmup
 
     # 1. config and run directory ---------------------------------------------------------
+    for section, key in (("model", "name"), ("data", "path")):  # later commands may run elsewhere
+        value = getattr(getattr(cfg, section), key)
+        if Path(value).expanduser().exists():
+            setattr(getattr(cfg, section), key, str(Path(value).expanduser().resolve()))
     run = Run(Path(resume or cfg.train.output_dir or default_output_dir(cfg.model.name)))
     if not resume and not dry_run and run.path.is_dir() and any(run.path.iterdir()):
         if not force:
@@ -413,8 +417,8 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, forc
         grad_norm = None
         if cfg.train.max_grad_norm > 0:
             grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
-        if not math.isfinite(step_loss):
-            raise KoloraError(f"loss became {step_loss} at step {state['step'] + 1}",
+        if not math.isfinite(step_loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            raise KoloraError(f"loss {step_loss} / gradient norm {grad_norm} is not finite at step {state['step'] + 1}",
                               "lower train.lr or use train.mixed_precision no; the last checkpoint is intact")
         optimizer.step()
         scheduler.step()
