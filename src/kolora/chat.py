@@ -100,6 +100,12 @@ def answer(model, tokenizer, cfg, questions: list[str], gen: GenConfig, base: bo
     return texts, stats
 
 
+def clip(text: str, limit: int = 400) -> str:
+    """Long (often looping) answers are cut for display, saying how much was cut."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else f"{text[:limit]} … (+{len(text) - limit}자)"
+
+
 def quick_test(run_path: str, n: int, gen: GenConfig, compare: bool = False, base: bool = False) -> list[dict]:
     run = open_run(run_path)
     test = read_jsonl(run.split("test")) if run.split("test").is_file() else []
@@ -121,9 +127,9 @@ def quick_test(run_path: str, n: int, gen: GenConfig, compare: bool = False, bas
         print(f"\n[{i}/{len(rows)}] 질문: {r['question']}")
         print(f"  참고 답변: {r['reference']}")
         if "base" in r:
-            print(f"  기본 모델: {r['base']}")
+            print(f"  기본 모델: {clip(r['base'])}")
         if "tuned" in r:
-            print(f"  튜닝 모델: {r['tuned']}")
+            print(f"  튜닝 모델: {clip(r['tuned'])}")
     speed = tstats if not base else bstats
     print(f"\n(generation: {speed['new_tokens']} tokens, {speed['tokens_per_s']:.1f} tokens/s)")
     return rows

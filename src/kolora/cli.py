@@ -214,6 +214,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*kernels.*")
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its optional hub-kernel notice on every import
     try:
         from transformers.utils import logging as hf_logging
 

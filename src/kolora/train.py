@@ -487,6 +487,10 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, forc
         if test:
             say(f"test loss: base {summary['test_loss_base']:.4f} → tuned {summary['test_loss_tuned']:.4f} "
                 f"({100 * summary['test_loss_change']:+.1f}%)")
+        from .report import ascii_chart, loss_series, read_metrics
+
+        for line in ascii_chart(loss_series(read_metrics(run.metrics))):
+            say(line)
         say(f"adapter: {run.adapter}")
     accelerator.wait_for_everyone()
     return run.path
