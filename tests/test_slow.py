@@ -30,16 +30,19 @@ def test_two_process_accelerate_launch_on_cpu(tiny_models, small_csv, tmp_path):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_qlora_4bit_trains_on_cpu(tiny_models, small_csv, tmp_path):
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_qlora_trains_on_cpu(tiny_models, small_csv, tmp_path, bits):
     pytest.importorskip("bitsandbytes")
     run = tmp_path / "qlora"
     r = run_cli("train", "--model", str(tiny_models["llama"]), "--data", str(small_csv), "--out", str(run),
-                *TINY_TRAIN, "--max-steps", "3", "--model.quantization", "4bit", "--train.mixed_precision", "no")
+                *TINY_TRAIN, "--max-steps", "3", "--model.quantization", bits, "--train.mixed_precision", "no")
     assert r.returncode == 0, r.stderr[-3000:]
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e["kind"] == "train"] == [1, 2, 3]
     adapter_cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 4
+    info = json.loads((run / "run.json").read_text())
+    assert info["quantized_modules"] == 14  # 7 projections × 2 layers really ran in bitsandbytes layers
     r = run_cli("chat", str(run), "-q", "전세란?", "--max-new-tokens", "3")
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_cli("merge", str(run), "--out", str(tmp_path / "merged"))  # merges into the float32 base

@@ -330,6 +330,7 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, forc
     elif cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    quantized = sum(1 for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
     model, targets = attach_lora(model, cfg)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
@@ -369,6 +370,7 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, forc
         run.update_info(kolora_version=__version__, model=cfg.model.name, model_source=src.kind,
                         model_path=src.path, base_dtype=dtype, precision=precision, lora_targets=targets,
                         trainable_params=n_train, total_params=n_all, processes=accelerator.num_processes,
+                        quantization=cfg.model.quantization, quantized_modules=quantized,
                         data_report=report.lines(), dropped_too_long=n_dropped)
     accelerator.wait_for_everyone()
     metrics_file = open(run.metrics, "a", encoding="utf-8") if is_main else None
