@@ -8,6 +8,7 @@ adapter, base-vs-tuned test loss, run summary. The same command runs under
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -417,7 +418,7 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, forc
         step_loss = 0.0
         for i, batch in enumerate(window):
             sync = i == len(window) - 1
-            ctx = accelerator.no_sync(loss_model) if not sync else _nullcontext()
+            ctx = accelerator.no_sync(loss_model) if not sync else contextlib.nullcontext()
             with ctx, accelerator.autocast():
                 loss_sum, _ = loss_model(**batch)
                 loss = loss_sum / max(window_tokens, 1)  # token-weighted mean over the whole window
@@ -518,10 +519,3 @@ def _stream(loader, sampler, per_epoch: int, start_micro: int, accelerator):
             yield batch
         epoch, skip = epoch + 1, 0
 
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
