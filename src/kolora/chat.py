@@ -116,10 +116,12 @@ def quick_test(run_path: str, n: int, gen: GenConfig, compare: bool = False, bas
     questions = [ex.question for ex in picked]
     rows = [{"question": ex.question, "reference": ex.answer} for ex in picked]
     if compare or base:
+        print(f"generating base-model answers for {len(questions)} test questions …", file=sys.stderr, flush=True)
         base_answers, bstats = answer(model, tokenizer, cfg, questions, gen, base=True)
         for r, a in zip(rows, base_answers):
             r["base"] = a
     if not base:
+        print(f"generating tuned answers for {len(questions)} test questions …", file=sys.stderr, flush=True)
         tuned, tstats = answer(model, tokenizer, cfg, questions, gen)
         for r, a in zip(rows, tuned):
             r["tuned"] = a

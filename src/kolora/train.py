@@ -478,6 +478,8 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, forc
         save_checkpoint(run, state["step"], unwrapped, optimizer, scheduler, state, cfg.train.keep_checkpoints)
         unwrapped.model.save_pretrained(run.adapter)
     test = tokenized["test"]
+    if test:
+        say(f"evaluating the test split ({len(test)} rows) with the base model and the tuned adapter …")
     summary = {"steps": state["step"], "stop_reason": stop_reason, "train_time_s": round(train_time, 1),
                "tokens": state["tokens"], "answer_tokens": state["answer_tokens"],
                "tokens_per_s": round(state["tokens"] * accelerator.num_processes / max(train_time, 1e-9), 1),
