@@ -63,11 +63,14 @@ def build_config(args) -> RunConfig:
 
 
 def add_gen_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--repetition-penalty", type=float, default=1.1)
-    p.add_argument("--seed", type=int, default=0)
+    from .chat import GenConfig
+
+    d = GenConfig()
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy (deterministic)")
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    p.add_argument("--seed", type=int, default=d.seed, help="sampling seed (with --temperature > 0)")
 
 
 def gen_config(args):
