@@ -185,3 +185,14 @@ def test_early_stopping(tiny_models, small_csv, tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads((run / "run.json").read_text())["summary"]
     assert summary["steps"] == 2 and summary["stop_reason"].startswith("early stopping")
+
+
+def test_help_lists_every_config_key_with_its_text():
+    r = run_cli("train", "--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert "--train.gradient_checkpointing" in text and "~30% slower" in text  # '%' is escaped for argparse
+    from kolora.config import all_keys
+
+    for key in all_keys():
+        assert f"--{key}" in text, key

@@ -38,7 +38,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
         for f in fields(cls):
             default = f.default if f.default is not MISSING else f.default_factory()
             group.add_argument(f"--{section}.{f.name}", dest=f"cfg:{section}.{f.name}", default=argparse.SUPPRESS,
-                               metavar="V", help=f"{f.metadata.get('help', '')} [default: {default}]")
+                               metavar="V", help=f"{f.metadata.get('help', '')} [default: {default}]".replace("%", "%%"))
 
 
 def flag_value(key: str, text: str):
