@@ -282,11 +282,11 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, forc
     set_seed(cfg.train.seed)
 
     # 2. data -----------------------------------------------------------------------------
-    src: ModelSource = resolve(cfg.model.name)
-    tokenizer = load_tokenizer(src, cfg.model.trust_remote_code)
-    examples, report = load_examples(cfg.data.path)
+    examples, report = load_examples(cfg.data.path)  # before the model: a data mistake fails in a second
     for line in report.lines():
         say(line)
+    src: ModelSource = resolve(cfg.model.name)
+    tokenizer = load_tokenizer(src, cfg.model.trust_remote_code)
     splits = split_examples(examples, cfg.data.split, cfg.data.seed)
     tokenized, dropped = {}, {}
     for name in SPLITS:
