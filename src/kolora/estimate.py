@@ -2,9 +2,8 @@
 
 Memory: base weights in their dtype + LoRA weights, gradients and AdamW moments (fp32, 16
 bytes per parameter) + activations (~34·hidden bytes per token per layer in 16-bit, the
-Megatron rule of thumb) + answer-position logits. Time: ~4N FLOPs per token for a frozen
-base (forward 2N + activation gradients 2N) plus the output layer at answer positions,
-at an assumed MFU (calibrated on the demo) of a matmul peak measured here in the compute dtype."""
+Megatron rule of thumb) + answer-position logits. Time: `train_flops` per token (the same
+formula the training loop logs MFU with), at an assumed MFU (calibrated on the demo) of a matmul peak measured here in the compute dtype."""
 
 from __future__ import annotations
 
@@ -58,7 +57,6 @@ def plan_lines(cfg, src, train_data, total_steps: int, precision: str) -> list[s
     from .models import lora_param_count, target_modules
 
     n_params = sum(p.numel() for p in model.parameters())
-    emb = model.get_input_embeddings().weight.numel()
     hidden = model.get_input_embeddings().weight.shape[1]
     vocab = config.vocab_size
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 12)
@@ -66,7 +64,8 @@ def plan_lines(cfg, src, train_data, total_steps: int, precision: str) -> list[s
     bytes_w = {"4bit": 0.56, "8bit": 1.0}.get(cfg.model.quantization, 2 if precision in ("bf16", "fp16") else 4)
     seq = max(len(t.input_ids) for t in train_data)
     tok_step = cfg.train.batch_size * seq
-    ans_frac = sum(t.answer_tokens for t in train_data) / max(1, sum(len(t.input_ids) for t in train_data))
+    all_tokens = sum(len(t.input_ids) for t in train_data)
+    ans_frac = sum(t.answer_tokens for t in train_data) / max(1, all_tokens)
     act = tok_step * layers * hidden * 34 * (1 if precision in ("bf16", "fp16") else 2)
     if cfg.train.gradient_checkpointing:
         act /= 8  # only layer inputs are kept
@@ -75,8 +74,9 @@ def plan_lines(cfg, src, train_data, total_steps: int, precision: str) -> list[s
     # runtime (python, torch, tokenizer, oneDNN caches) is ~1.2 GB on CPU, measured on the demo.
     load = n_params * 4 if bytes_w < 4 else 0
     mem = n_params * bytes_w + lora * 16 + act + logits + load + RUNTIME_BYTES
-    tokens_total = total_steps * cfg.train.grad_accum * sum(len(t.input_ids) for t in train_data) / max(len(train_data), 1) * cfg.train.batch_size
-    flops_tok = 4 * (n_params - emb) + 4 * vocab * hidden * ans_frac + 6 * lora
+    mean_len = all_tokens / max(len(train_data), 1)
+    tokens_total = total_steps * cfg.train.grad_accum * cfg.train.batch_size * mean_len
+    flops_tok = train_flops(model, 1, ans_frac, mean_len, lora)  # the formula MFU is logged with
     peak = matmul_peak_gflops(precision)
     seconds = tokens_total * flops_tok / (MFU_ASSUMED * peak * 1e9)
     return [

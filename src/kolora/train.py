@@ -104,6 +104,8 @@ def collate(items: list[Tokenized], pad_id: int, multiple: int = PAD_MULTIPLE):
 
 # --------------------------------------------------------------------------- the loss
 ROW_MULTIPLE = 64  # answer rows padded (ignored in the loss) for the same reason as PAD_MULTIPLE
+
+
 def answer_loss_module(peft_model):
     """Wrap the model so that forward returns (summed CE, answer-token count).
 
@@ -443,13 +445,13 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, forc
         if step % cfg.train.log_every == 0 or step == total_steps:
             now = time.time()
             tokens, answers = state["tokens"] - tok_last, state["answer_tokens"] - ans_last
-            tps = tokens * accelerator.num_processes / max(now - t_last, 1e-9)
-            flops = train_flops(unwrapped.model, tokens, answers, mean_len, n_train)
-            mfu = flops / max(now - t_last, 1e-9) / peak if peak else None
+            dt = max(now - t_last, 1e-9)
+            tps = tokens * accelerator.num_processes / dt
+            mfu = train_flops(unwrapped.model, tokens, answers, mean_len, n_train) / dt / peak if peak else None
             loss_avg = sum(window_loss) / len(window_loss)
             log({"kind": "train", "step": step, "epoch": state["micro_step"] / micro_batches, "loss": loss_avg,
                  "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tps,
-                 "answer_tokens_per_s": answers * accelerator.num_processes / max(now - t_last, 1e-9),
+                 "answer_tokens_per_s": answers * accelerator.num_processes / dt,
                  "mfu": mfu, "elapsed_s": now - t_start, "peak_rss_mb": peak_rss_mb()})
             bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tps:.0f}", **({"mfu": f"{100 * mfu:.0f}%"} if mfu else {}))
             t_last, tok_last, ans_last, window_loss = now, state["tokens"], state["answer_tokens"], []
