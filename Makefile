@@ -10,7 +10,7 @@ KOLORA := $(VENV)/bin/kolora
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# the CPU benchmark against TRL (not part of `make test`): see bench/README.md
+bench: install
+	$(PIP) -e ".[bench]"
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
 from dataclasses import MISSING, fields
@@ -116,7 +118,22 @@ def build_parser() -> Parser:
     p.add_argument("--trust-remote-code", action="store_true")
 
     sub.add_parser("doctor", help="versions, CPU/GPU features, memory")
+
+    # verbs that live in their own module: each defines HELP, add_arguments(parser) and run(args);
+    # the module must import without torch/transformers so `kolora --help` stays fast
+    for verb, module in VERB_MODULES.items():
+        if importlib.util.find_spec(f"kolora.{module}") is None:
+            continue
+        mod = importlib.import_module(f"kolora.{module}")
+        add_arguments = getattr(mod, "add_arguments", None)
+        if add_arguments is None:
+            continue
+        p = sub.add_parser(verb, help=mod.HELP, description=mod.HELP)
+        add_arguments(p)
     return parser
+
+
+VERB_MODULES = {"eval": "evaluate", "export": "export", "serve": "serve", "estimate": "estimate"}
 
 
 # --------------------------------------------------------------------------- commands
@@ -295,6 +312,8 @@ def dispatch(args) -> int:
         print(inspect_model(args.model, args.r, args.trust_remote_code))
     elif args.command == "doctor":
         cmd_doctor(args)
+    elif args.command in VERB_MODULES:
+        return importlib.import_module(f"kolora.{VERB_MODULES[args.command]}").run(args) or 0
     return 0
 
 
