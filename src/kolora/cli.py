@@ -11,7 +11,7 @@ from dataclasses import MISSING, fields
 
 from . import __version__
 from .config import SECTIONS, RunConfig, load_yaml, parse_scalar, suggest_key
-from .errors import KoloraError
+from .errors import KoloraError, Stopped
 
 ALIASES = {  # short flags for the keys people set most
     "--model": "model.name", "--data": "data.path", "--out": "train.output_dir",
@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"kolora: error: {e.one_line()}", file=sys.stderr)
+        return e.exit_code
+    except Stopped as e:
+        print(f"kolora: stopped: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("kolora: interrupted", file=sys.stderr)

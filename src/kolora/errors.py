@@ -15,6 +15,15 @@ class KoloraError(Exception):
         return f"{msg} — {self.hint}" if self.hint else msg
 
 
+class Stopped(Exception):
+    """Training stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint: not an error,
+    but not a finished run either, so the exit code says which signal stopped it."""
+
+    def __init__(self, message: str, exit_code: int):
+        self.exit_code = exit_code
+        super().__init__(message)
+
+
 def nearest(name: str, choices) -> str | None:
     """The closest known name, for 'did you mean …' hints."""
     import difflib

@@ -211,58 +211,73 @@ def attach_lora(model, cfg: RunConfig):
     return get_peft_model(model, lora), targets
 
 
-# --------------------------------------------------------------------------- checkpoints
-def save_checkpoint(run: Run, step: int, loss_model, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """Write into a temp dir, fsync, then rename: a checkpoint is complete or absent."""
-    import torch
-    from safetensors.torch import save_file
+# --------------------------------------------------------------------------- run directory helpers
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Drop events logged after the checkpoint we resume from (they will be logged again), so
+    metrics.jsonl reads as one uninterrupted run. Returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(lines) - len(keep)
 
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
-    final = run.checkpoints / f"step-{step:06d}"
-    tmp = run.checkpoints / f".tmp-step-{step:06d}"
+
+def save_adapter_atomically(peft_model, target: Path) -> None:
+    tmp = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    loss_model.model.save_pretrained(tmp / "adapter")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
-    (tmp / "trainer_state.json").write_text(json.dumps(
-        {**state, "scheduler": scheduler.state_dict(), "python_random": None}, indent=2))
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(run.checkpoints.glob("step-*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    peft_model.save_pretrained(tmp)
+    old = target.with_name(f".old-{target.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def latest_checkpoint(run: Run) -> Path | None:
-    done = [p for p in sorted(run.checkpoints.glob("step-*")) if (p / "trainer_state.json").is_file()]
-    return done[-1] if done else None
+def out_of_memory_error(cfg: RunConfig, step: int, device) -> KoloraError:
+    bs, ga = cfg.train.batch_size, cfg.train.grad_accum
+    fixes = []
+    if bs > 1:
+        fixes.append(f"--train.batch_size {bs // 2} --train.grad_accum {ga * 2} (same effective batch of {bs * ga})")
+    if not cfg.train.gradient_checkpointing:
+        fixes.append("--train.gradient_checkpointing true")
+    if cfg.model.quantization == "none":
+        fixes.append("--model.quantization 4bit")
+    fixes.append(f"a lower --data.max_length (now {cfg.data.max_length})")
+    return KoloraError(f"out of memory on {device} at step {step} (micro-batch {bs} × max_length {cfg.data.max_length})",
+                       "try " + ", or ".join(fixes) + "; the last checkpoint is intact (resume with --resume)")
 
 
-def load_checkpoint(ckpt: Path, loss_model, optimizer, scheduler) -> dict:
+def is_oom(e: BaseException) -> bool:
     import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    set_peft_model_state_dict(loss_model.model, load_file(ckpt / "adapter" / "adapter_model.safetensors"))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    state = json.loads((ckpt / "trainer_state.json").read_text())
-    scheduler.load_state_dict(state.pop("scheduler"))
-    torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch"])
-    return state
+    if isinstance(e, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 # --------------------------------------------------------------------------- the recipe
 def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, force: bool = False) -> Path | None:
+    from .interrupts import StopRequest
+
+    with StopRequest() as stop:
+        return _train(cfg, resume, dry_run, force, stop)
+
+
+def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop) -> Path | None:
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
     from transformers import get_cosine_schedule_with_warmup
 
+    from . import checkpoint as ckpt
+    from .interrupts import Faults
+
+    faults = Faults()
     # 1. config and run directory ---------------------------------------------------------
     for section, key in (("model", "name"), ("data", "path")):  # later commands may run elsewhere
         value = getattr(getattr(cfg, section), key)
@@ -322,6 +337,15 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, forc
             say(line)
         return None
 
+    # The run directory describes itself before the model loads: a run killed at any moment
+    # from here on can be resumed with `--resume`.
+    if is_main and not resume:
+        (run.path / "data").mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run.config_file, f"# kolora train --config {run.config_file}\n")
+        for name in SPLITS:
+            write_jsonl(splits[name], run.split(name))
+        tokenizer.save_pretrained(run.tokenizer)
+
     # 3. model + LoRA ---------------------------------------------------------------------
     dtype = base_dtype(cfg, precision)
     model = load_model(src, dtype, cfg.model.quantization, cfg.model.trust_remote_code,
@@ -345,9 +369,15 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, forc
     # MFU = achieved FLOP/s ÷ a matmul peak measured here, now, in the compute dtype.
     peak = None if use_cuda else matmul_peak_gflops(precision) * 1e9
     mean_len = train_tokens / len(train_data)
+    # What a resume must match; stored in every checkpoint's manifest.
+    fingerprints = {"model": ckpt.model_fingerprint(src.path), "model_name": cfg.model.name,
+                    "lora": ckpt.lora_shape(cfg, targets), "data": ckpt.data_fingerprint(train_data),
+                    "data_path": cfg.data.path, "train_rows": len(train_data),
+                    "batching": [cfg.train.batch_size, cfg.train.grad_accum, accelerator.num_processes]}
 
     # 4. optimizer + schedule -------------------------------------------------------------
     params = [p for p in loss_model.parameters() if p.requires_grad]
+    named_params = [(n, p) for n, p in loss_model.model.named_parameters() if p.requires_grad]
     try:
         optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
     except (RuntimeError, TypeError):
@@ -356,32 +386,39 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, forc
     loss_model, optimizer, loader = accelerator.prepare(loss_model, optimizer, loader)
     unwrapped = accelerator.unwrap_model(loss_model)
 
-    # 5. the run directory and resume -------------------------------------------------------
-    state = {"step": 0, "micro_step": 0, "best_val": None, "bad_evals": 0, "tokens": 0, "answer_tokens": 0}
+    # 5. resume -----------------------------------------------------------------------------
+    state = {"step": 0, "micro_step": 0, "window_pos": 0, "window_loss": 0.0, "best_val": None, "best_checkpoint": None,
+             "last_eval": None, "bad_evals": 0, "tokens": 0, "answer_tokens": 0, "skipped_steps": 0}
+    partial_grads = None
     if resume:
-        ckpt = latest_checkpoint(run)
-        if ckpt is None:
-            raise KoloraError(f"{run.path} has no complete checkpoint to resume from", "start a new run instead")
-        state = load_checkpoint(ckpt, unwrapped, optimizer, scheduler)
-        say(f"resumed from {ckpt.name}: step {state['step']}, {state['micro_step']} micro-batches done")
+        latest, unusable = ckpt.find_latest(run.checkpoints)
+        for name, why in unusable:
+            say(f"skipping checkpoint {name}: {why}")
+        if latest is None:
+            say(f"no complete checkpoint in {run.path}: starting the run again from step 0")
+            dropped_events = truncate_metrics(run.metrics, -1) if is_main else 0
+        else:
+            ckpt.compare_fingerprints(ckpt.read_manifest(latest)["fingerprints"], fingerprints, latest)
+            loaded, partial_grads = ckpt.load(latest, peft_model=unwrapped.model, optimizer=optimizer,
+                                              scheduler=scheduler, rank=accelerator.process_index)
+            state.update(loaded)
+            dropped_events = truncate_metrics(run.metrics, state["step"]) if is_main else 0
+            inside = f", {state['window_pos']} of {cfg.train.grad_accum} micro-batches into the next step" if state["window_pos"] else ""
+            say(f"resumed from {latest.name}: step {state['step']}{inside}"
+                + (f" ({dropped_events} metrics lines after it dropped)" if dropped_events else ""))
     if is_main:
-        (run.path / "data").mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run.config_file, f"# kolora train --config {run.config_file}\n")
-        for name in SPLITS:
-            write_jsonl(splits[name], run.split(name))
-        tokenizer.save_pretrained(run.tokenizer)
         run.update_info(kolora_version=__version__, model=cfg.model.name, model_source=src.kind,
                         model_path=src.path, base_dtype=dtype, precision=precision, lora_targets=targets,
                         trainable_params=n_train, total_params=n_all, processes=accelerator.num_processes,
                         quantization=cfg.model.quantization, quantized_modules=quantized,
-                        data_report=report.lines(), dropped_too_long=n_dropped)
+                        data_report=report.lines(), dropped_too_long=n_dropped, fingerprints=fingerprints)
     accelerator.wait_for_everyone()
     metrics_file = open(run.metrics, "a", encoding="utf-8") if is_main else None
     tb = None
     if is_main and cfg.train.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        tb = SummaryWriter(str(run.path / "tensorboard"))
+        tb = SummaryWriter(str(run.path / "tensorboard"), purge_step=state["step"] + 1 if resume else None)
 
     def log(event: dict) -> None:
         if not is_main:
@@ -393,16 +430,29 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, forc
                 if isinstance(v, (int, float)) and k not in ("step", "epoch"):
                     tb.add_scalar(f"{event['kind']}/{k}", v, event["step"])
 
+    def save(step: int, grads: dict | None = None) -> None:
+        rngs = [ckpt.rng_state()] if accelerator.num_processes == 1 else gather_object([ckpt.rng_state()])
+        if is_main:
+            name = f"step-{step:06d}"
+            last = state["last_eval"]
+            if last and last[0] == step and last[1] == state["best_val"]:
+                state["best_checkpoint"] = name  # kept by pruning even when it is not among the newest
+            ckpt.save(run.checkpoints, step, adapter_model=unwrapped.model, optimizer=optimizer, scheduler=scheduler,
+                      state=state, fingerprints=fingerprints, rng_by_rank=rngs, grads=grads, fault=faults or None)
+            ckpt.prune(run.checkpoints, cfg.train.keep_checkpoints, {state["best_checkpoint"]} - {None})
+        accelerator.wait_for_everyone()
+
     eval_data = tokenized["validation"]
     ev_bs = max(cfg.train.batch_size, 8)
 
     def run_eval(step: int) -> float:
         val = evaluate_loss(unwrapped, eval_data, tokenizer.pad_token_id, ev_bs, accelerator.autocast)
         log({"kind": "eval", "step": step, "val_loss": val})
+        state["last_eval"] = [step, val]
         return val
 
     # 6. the loop ---------------------------------------------------------------------------
-    if state["step"] == 0 and eval_data:
+    if state["step"] == 0 and state["window_pos"] == 0 and eval_data:
         state["best_val"] = run_eval(0)  # LoRA B starts at 0: this is the base model's loss
         say(f"step 0 validation loss {state['best_val']:.4f} (= base model)")
     micro_batches = len(loader)  # per process, per epoch
@@ -411,81 +461,121 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, forc
     bar = tqdm(total=total_steps, initial=state["step"], disable=not is_main, desc="train", unit="step", dynamic_ncols=True)
     loss_model.train()
     batches = _stream(loader, sampler, micro_batches, state["micro_step"], accelerator)
+    if partial_grads is not None:  # resumed inside an accumulation window: its gradients so far
+        for n, p in named_params:
+            p.grad = partial_grads[n].to(p.device, p.dtype)
     t_last, tok_last, ans_last, window_loss = time.time(), state["tokens"], state["answer_tokens"], []
     t_start = time.time()
     stop_reason = "max steps"
-    while state["step"] < total_steps:
-        window = [next(batches) for _ in range(cfg.train.grad_accum)]
-        window_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in window)
-        step_loss = 0.0
-        for i, batch in enumerate(window):
-            sync = i == len(window) - 1
-            ctx = accelerator.no_sync(loss_model) if not sync else contextlib.nullcontext()
-            with ctx, accelerator.autocast():
-                loss_sum, _ = loss_model(**batch)
-                loss = loss_sum / max(window_tokens, 1)  # token-weighted mean over the whole window
-            accelerator.backward(loss)
-            step_loss += float(loss.detach())
-            state["tokens"] += int(batch["attention_mask"].sum())
-        state["answer_tokens"] += window_tokens
-        state["micro_step"] += len(window)
-        grad_norm = None
-        if cfg.train.max_grad_norm > 0:
-            grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
-        if not math.isfinite(step_loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
-            raise KoloraError(f"loss {step_loss} / gradient norm {grad_norm} is not finite at step {state['step'] + 1}",
-                              "lower train.lr or use train.mixed_precision no; the last checkpoint is intact")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        window_loss.append(step_loss)
-        step = state["step"]
+    stop.armed = True
+    try:
+        while state["step"] < total_steps:
+            # A whole window is fetched first: its answer-token count weights every micro-batch.
+            window = [next(batches) for _ in range(cfg.train.grad_accum)]
+            window_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in window)
+            step_loss, start = state["window_loss"], state["window_pos"]
+            state["window_loss"], state["window_pos"] = 0.0, 0
+            for i in range(start, len(window)):
+                batch = window[i]
+                sync = i == len(window) - 1
+                ctx = accelerator.no_sync(loss_model) if not sync else contextlib.nullcontext()
+                with ctx, accelerator.autocast():
+                    loss_sum, _ = loss_model(**batch)
+                    loss = loss_sum / max(window_tokens, 1)  # token-weighted mean over the whole window
+                    if faults.hit("nan-at-step", state["step"] + 1):
+                        loss = loss * float("nan")
+                    if faults.hit("oom-at-step", state["step"] + 1):
+                        raise torch.OutOfMemoryError("CUDA out of memory (injected by KOLORA_FAULTS)")
+                accelerator.backward(loss)
+                step_loss += float(loss.detach())
+                state["tokens"] += int(batch["attention_mask"].sum())
+                faults("micro", state["micro_step"] + i + 1)
+                if stop.requested and not sync and accelerator.num_processes == 1:
+                    # Stop inside the window: keep the gradients accumulated so far, so the
+                    # resumed run finishes this very step exactly as it would have.
+                    state["window_pos"], state["window_loss"] = i + 1, step_loss
+                    save(state["step"], {n: p.grad for n, p in named_params if p.grad is not None})
+                    raise _stopped(stop, run, state, inside=True)
+            state["answer_tokens"] += window_tokens
+            state["micro_step"] += len(window)
+            grad_norm = None
+            if cfg.train.max_grad_norm > 0:
+                grad_norm = float(accelerator.clip_grad_norm_(params, cfg.train.max_grad_norm))
+            finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+            else:  # no update from a NaN/inf step; the schedule and data still move on
+                state["skipped_steps"] += 1
+                log({"kind": "skip", "step": state["step"] + 1, "loss": step_loss, "grad_norm": grad_norm})
+                if state["skipped_steps"] > cfg.train.max_nonfinite_steps:
+                    raise KoloraError(
+                        f"loss {step_loss} / gradient norm {grad_norm} is not finite at step {state['step'] + 1} "
+                        f"({state['skipped_steps']} non-finite steps, train.max_nonfinite_steps={cfg.train.max_nonfinite_steps})",
+                        "lower train.lr, or use --train.mixed_precision no; the last checkpoint is intact "
+                        f"(nothing after it was saved): resume with kolora train --resume {run.path}")
+                bar.write(f"step {state['step'] + 1}: loss {step_loss} / gradient norm {grad_norm} not finite: "
+                          f"step skipped ({state['skipped_steps']} of {cfg.train.max_nonfinite_steps} allowed)") if is_main else None
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            if finite:
+                window_loss.append(step_loss)
+            step = state["step"]
+            faults("step", step)
 
-        if step % cfg.train.log_every == 0 or step == total_steps:
-            now = time.time()
-            tokens, answers = state["tokens"] - tok_last, state["answer_tokens"] - ans_last
-            dt = max(now - t_last, 1e-9)
-            tps = tokens * accelerator.num_processes / dt
-            mfu = train_flops(unwrapped.model, tokens, answers, mean_len, n_train) / dt / peak if peak else None
-            loss_avg = sum(window_loss) / len(window_loss)
-            log({"kind": "train", "step": step, "epoch": state["micro_step"] / micro_batches, "loss": loss_avg,
-                 "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tps,
-                 "answer_tokens_per_s": answers * accelerator.num_processes / dt,
-                 "mfu": mfu, "elapsed_s": now - t_start, "peak_rss_mb": peak_rss_mb()})
-            bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tps:.0f}", **({"mfu": f"{100 * mfu:.0f}%"} if mfu else {}))
-            t_last, tok_last, ans_last, window_loss = now, state["tokens"], state["answer_tokens"], []
-        bar.update(1)
+            if (step % cfg.train.log_every == 0 or step == total_steps) and window_loss:
+                now = time.time()
+                tokens, answers = state["tokens"] - tok_last, state["answer_tokens"] - ans_last
+                dt = max(now - t_last, 1e-9)
+                tps = tokens * accelerator.num_processes / dt
+                mfu = train_flops(unwrapped.model, tokens, answers, mean_len, n_train) / dt / peak if peak else None
+                loss_avg = sum(window_loss) / len(window_loss)
+                log({"kind": "train", "step": step, "epoch": state["micro_step"] / micro_batches, "loss": loss_avg,
+                     "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tps,
+                     "answer_tokens_per_s": answers * accelerator.num_processes / dt,
+                     "mfu": mfu, "elapsed_s": now - t_start, "peak_rss_mb": peak_rss_mb()})
+                bar.set_postfix(loss=f"{loss_avg:.3f}", tok_s=f"{tps:.0f}", **({"mfu": f"{100 * mfu:.0f}%"} if mfu else {}))
+                t_last, tok_last, ans_last, window_loss = now, state["tokens"], state["answer_tokens"], []
+            bar.update(1)
 
-        if eval_data and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
-            val = run_eval(step)
-            bar.write(f"step {step}: validation loss {val:.4f}") if is_main else None
-            if state["best_val"] is None or val < state["best_val"]:
-                state["best_val"], state["bad_evals"] = val, 0
-            else:
-                state["bad_evals"] += 1
-                if cfg.train.early_stopping_patience and state["bad_evals"] >= cfg.train.early_stopping_patience:
-                    stop_reason = f"early stopping (no improvement in {state['bad_evals']} evaluations)"
-                    break
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
-            if is_main:
-                save_checkpoint(run, step, unwrapped, optimizer, scheduler, state, cfg.train.keep_checkpoints)
-            accelerator.wait_for_everyone()
-    bar.close()
+            if eval_data and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
+                val = run_eval(step)
+                bar.write(f"step {step}: validation loss {val:.4f}") if is_main else None
+                if state["best_val"] is None or val < state["best_val"]:
+                    state["best_val"], state["bad_evals"] = val, 0
+                else:
+                    state["bad_evals"] += 1
+                    if cfg.train.early_stopping_patience and state["bad_evals"] >= cfg.train.early_stopping_patience:
+                        stop_reason = f"early stopping (no improvement in {state['bad_evals']} evaluations)"
+                        break
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < total_steps:
+                save(step)
+            if _stop_agreed(stop, accelerator) and step < total_steps:
+                save(step)
+                raise _stopped(stop, run, state, inside=False)
+    except Exception as e:
+        if is_oom(e):
+            raise out_of_memory_error(cfg, state["step"] + 1, accelerator.device) from None
+        raise
+    finally:
+        stop.armed = False
+        bar.close()
     train_time = time.time() - t_start
 
     # 7. final adapter, evaluation, summary ------------------------------------------------
     final_val = run_eval(state["step"]) if eval_data else None
+    if final_val is not None and (state["best_val"] is None or final_val < state["best_val"]):
+        state["best_val"] = final_val
+    save(state["step"])
     if is_main:
-        save_checkpoint(run, state["step"], unwrapped, optimizer, scheduler, state, cfg.train.keep_checkpoints)
-        unwrapped.model.save_pretrained(run.adapter)
+        save_adapter_atomically(unwrapped.model, run.adapter)
     test = tokenized["test"]
     if test:
         say(f"evaluating the test split ({len(test)} rows) with the base model and the tuned adapter …")
     summary = {"steps": state["step"], "stop_reason": stop_reason, "train_time_s": round(train_time, 1),
                "tokens": state["tokens"], "answer_tokens": state["answer_tokens"],
                "tokens_per_s": round(state["tokens"] * accelerator.num_processes / max(train_time, 1e-9), 1),
-               "val_loss": final_val, "peak_rss_mb": round(peak_rss_mb())}
+               "val_loss": final_val, "skipped_steps": state["skipped_steps"], "peak_rss_mb": round(peak_rss_mb())}
     if test:
         tuned = evaluate_loss(unwrapped, test, tokenizer.pad_token_id, ev_bs, accelerator.autocast)
         with unwrapped.model.disable_adapter():
@@ -513,6 +603,23 @@ def train(cfg: RunConfig, resume: str | None = None, dry_run: bool = False, forc
     return run.path
 
 
+def _stop_agreed(stop, accelerator) -> bool:
+    """Every process must stop at the same step, or the others would wait in an all-reduce forever."""
+    if accelerator.num_processes == 1:
+        return stop.requested
+    import torch
+
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def _stopped(stop, run: Run, state: dict, inside: bool):
+    from .errors import Stopped
+
+    where = f"step {state['step']}" + (f" + {state['window_pos']} micro-batches" if inside else "")
+    return Stopped(f"checkpoint saved at {where}; continue with: kolora train --resume {run.path}", stop.exit_code)
+
+
 def _stream(loader, sampler, per_epoch: int, start_micro: int, accelerator):
     """Endless micro-batches across epochs, starting after `start_micro` consumed ones."""
     epoch, skip = divmod(start_micro, per_epoch)
@@ -522,4 +629,3 @@ def _stream(loader, sampler, per_epoch: int, start_micro: int, accelerator):
         for batch in it:
             yield batch
         epoch, skip = epoch + 1, 0
-

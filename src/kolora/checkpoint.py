@@ -1,0 +1,281 @@
+"""Crash-safe checkpoints: complete or ignored, never half-loaded, never a pickle.
+
+    checkpoints/step-000040/
+      adapter/                   PEFT adapter (safetensors)
+      optimizer.safetensors      AdamW moments, flattened; the rest of its state is JSON
+      rng.safetensors            torch CPU (and CUDA) RNG of every process
+      grads.safetensors          only when saved inside a gradient-accumulation window
+      trainer_state.json         step, micro-batch position, scheduler, best loss, …
+      kolora-checkpoint.json     written last: format, fingerprints, every file's size + sha256
+
+A checkpoint is written into `.tmp-…`, fsynced, renamed, and the parent directory fsynced;
+the manifest is the last file written, so a directory without a valid manifest (a crash mid-save,
+a foreign checkpoint copied in, a truncated file) is skipped and reported, never loaded.
+Why not `accelerator.save_state`: it saves the whole frozen base with every checkpoint, is not
+atomic, and stores RNG states as pickles that must be loaded with `weights_only=False`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+from . import __version__
+from .errors import KoloraError
+
+FORMAT = "kolora-checkpoint/1"
+MANIFEST = "kolora-checkpoint.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+# --------------------------------------------------------------------------- fingerprints
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_fingerprint(path: str) -> str:
+    """config.json plus the names and sizes of the weight files: cheap, and changes whenever the
+    model does (hashing a 500 MB checkpoint on every resume would cost seconds for nothing)."""
+    p = Path(path)
+    if not p.is_dir():
+        return sha256_bytes(path.encode())
+    parts = [(p / "config.json").read_bytes() if (p / "config.json").is_file() else b""]
+    for f in sorted(p.iterdir()):
+        if f.suffix in (".safetensors", ".gguf", ".bin"):
+            parts.append(f"{f.name}:{f.stat().st_size}".encode())
+    return sha256_bytes(b"\n".join(parts))
+
+
+def data_fingerprint(items) -> str:
+    """The tokenized training split itself: catches an edited data file, another tokenizer,
+    another max_length or split — anything that would change what the resumed run trains on."""
+    h = hashlib.sha256()
+    for t in items:
+        h.update(json.dumps([t.input_ids, t.labels]).encode())
+    return h.hexdigest()
+
+
+def lora_shape(cfg, targets: list[str]) -> dict:
+    return {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "target_modules": sorted(targets),
+            "use_dora": cfg.lora.use_dora, "use_rslora": cfg.lora.use_rslora}
+
+
+def compare_fingerprints(saved: dict, now: dict, where: Path) -> None:
+    """One line naming what differs; nothing has been loaded yet when this raises."""
+    diffs = []
+    if saved.get("model") != now["model"]:
+        diffs.append(f"the model (checkpoint: {saved.get('model_name')}, now: {now['model_name']})"
+                     if saved.get("model_name") != now["model_name"] else
+                     f"the model files of {now['model_name']} changed since the checkpoint")
+    old_lora, new_lora = saved.get("lora", {}), now["lora"]
+    for key in new_lora:
+        if old_lora.get(key) != new_lora[key]:
+            diffs.append(f"LoRA {key} (checkpoint: {old_lora.get(key)}, now: {new_lora[key]})")
+    if saved.get("data") != now["data"]:
+        diffs.append(f"the training data (checkpoint: {saved.get('train_rows')} rows of {saved.get('data_path')}, "
+                     f"now: {now['train_rows']} rows of {now['data_path']}; the file, tokenizer, split or max_length changed)")
+    if diffs:
+        raise KoloraError(f"cannot resume from {where}: " + "; ".join(diffs),
+                          "restore the original model/data/config, or start a new run with --out")
+
+
+# --------------------------------------------------------------------------- optimizer ⇄ safetensors
+def optimizer_to_tensors(optimizer) -> tuple[dict, dict]:
+    """AdamW state → flat tensors + JSON (no pickle). Keys: state.<param index>.<name>."""
+    import torch
+
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta.get("scalars", {}).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def rng_state() -> dict:
+    import torch
+
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(tensors: dict) -> None:
+    import torch
+
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+
+
+# --------------------------------------------------------------------------- save
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(root: Path, step: int, *, adapter_model, optimizer, scheduler, state: dict, fingerprints: dict,
+         rng_by_rank: list[dict], grads: dict | None = None, fault=None) -> Path:
+    """Write checkpoint `step` atomically. `fault` is the test hook that may kill us mid-save."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    adapter_model.save_pretrained(tmp / "adapter")
+    opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    rng = {f"rank{r}.{k}": v for r, st in enumerate(rng_by_rank) for k, v in st.items()}
+    save_file(rng, tmp / "rng.safetensors")
+    if grads:
+        save_file({k: v.detach().contiguous().cpu() for k, v in grads.items()}, tmp / "grads.safetensors")
+    if fault:
+        fault("in-save", step)
+    trainer_state = {**state, "scheduler": scheduler.state_dict(), "optimizer": opt_meta,
+                     "python_random": _json_random_state()}
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+             for f in sorted(tmp.rglob("*")) if f.is_file()}
+    manifest = {"format": FORMAT, "kolora_version": __version__, "step": step,
+                "fingerprints": fingerprints, "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for f in tmp.rglob("*"):
+        _fsync(f)
+    if final.exists():  # re-saving the same step (e.g. after a resume): move the old one aside first
+        old = root / f".old-step-{step:06d}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync(root)  # the rename itself must survive a power cut
+    return final
+
+
+def _json_random_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def prune(root: Path, keep: int, protect: set[str]) -> None:
+    """Keep the newest `keep` complete checkpoints plus every protected one (the best)."""
+    if keep <= 0:
+        return
+    complete = [p for p in sorted(root.glob("step-*")) if verify(p) is None]
+    newest = {p.name for p in complete[-keep:]}
+    for p in complete:
+        if p.name not in newest and p.name not in protect:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- find / verify / load
+def verify(ckpt: Path, deep: bool = False) -> str | None:
+    """None when `ckpt` is a complete kolora checkpoint, else why it is not."""
+    if (ckpt / MANIFEST).is_symlink() or not (ckpt / MANIFEST).is_file():
+        if any(f.suffix in PICKLE_SUFFIXES for f in ckpt.rglob("*")):
+            return "not written by kolora (pickle files, no kolora-checkpoint.json)"
+        return "incomplete (no kolora-checkpoint.json: interrupted while saving, or not written by kolora)"
+    try:
+        manifest = json.loads((ckpt / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return "unreadable kolora-checkpoint.json"
+    if manifest.get("format") != FORMAT:
+        return f"unknown format {manifest.get('format')!r}"
+    base = ckpt.resolve()
+    for rel, meta in manifest.get("files", {}).items():
+        f = ckpt / rel
+        if not f.resolve().is_relative_to(base):
+            return f"file {rel} points outside the checkpoint"
+        if not f.is_file() or f.stat().st_size != meta["size"]:
+            return f"file {rel} is missing or truncated"
+        if deep and sha256_file(f) != meta["sha256"]:
+            return f"file {rel} is corrupted (sha256 mismatch)"
+    for f in ckpt.rglob("*"):
+        if f.suffix in PICKLE_SUFFIXES:
+            return f"contains a pickle-based file ({f.name}); kolora loads only safetensors"
+    return None
+
+
+def find_latest(root: Path) -> tuple[Path | None, list[tuple[str, str]]]:
+    """Newest usable checkpoint, and the ones skipped with the reason (shown to the user)."""
+    skipped = []
+    if not root.is_dir():
+        return None, skipped
+    for p in root.glob(".tmp-step-*"):
+        skipped.append((p.name, "interrupted while saving"))
+    for p in sorted(root.glob("step-*"), reverse=True):
+        why = verify(p, deep=True)
+        if why is None:
+            return p, skipped
+        skipped.append((p.name, why))
+    return None, skipped
+
+
+def read_manifest(ckpt: Path) -> dict:
+    return json.loads((ckpt / MANIFEST).read_text())
+
+
+def load(ckpt: Path, *, peft_model, optimizer, scheduler, rank: int) -> tuple[dict, dict | None]:
+    """Restore adapter, optimizer, scheduler and RNG; returns (trainer state, partial grads)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    why = verify(ckpt)
+    if why:
+        raise KoloraError(f"checkpoint {ckpt} is {why}", "delete it; kolora resumes from the newest complete one")
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    rng = load_file(ckpt / "rng.safetensors")
+    mine = {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{rank}.")}
+    if not mine:  # checked before anything is loaded: never a half-restored state
+        raise KoloraError(f"checkpoint {ckpt} has no RNG state for process {rank}",
+                          "resume with the number of processes the run was saved with")
+    result = set_peft_model_state_dict(peft_model, load_file(ckpt / "adapter" / "adapter_model.safetensors"))
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise KoloraError(f"checkpoint {ckpt} holds adapter weights this model does not have ({unexpected[0]} …)",
+                          "resume with the model and LoRA config the run was started with")
+    optimizer.load_state_dict(optimizer_from_tensors(load_file(ckpt / "optimizer.safetensors"), state.pop("optimizer")))
+    scheduler.load_state_dict(state.pop("scheduler"))
+    set_rng_state(mine)
+    py = state.pop("python_random", None)
+    if py:
+        random.setstate((py[0], tuple(py[1]), py[2]))
+    grads = load_file(ckpt / "grads.safetensors") if (ckpt / "grads.safetensors").is_file() else None
+    return state, grads
