@@ -49,11 +49,18 @@ def load_tuned(run: Run, dtype: str | None = None):
     return model, tokenizer, cfg
 
 
-def generate(model, tokenizer, prompts: list[list[int]], gen: GenConfig, streamer=None) -> tuple[list[str], dict]:
-    """Batched generation (left-padded prompts, KV cache). Returns texts and speed figures."""
+@dataclass
+class Generation:
+    text: str
+    new_tokens: int
+    stopped: bool  # ended with EOS within max_new_tokens (False: cut off by the token budget)
+
+
+def generate_details(model, tokenizer, prompts: list[list[int]], gen: GenConfig, streamer=None) -> tuple[list[Generation], dict]:
+    """Batched generation (left-padded prompts, KV cache): per-row text, length and whether it stopped."""
     import torch
 
-    pad = tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -71,16 +78,22 @@ def generate(model, tokenizer, prompts: list[list[int]], gen: GenConfig, streame
     t0 = time.time()
     with torch.no_grad():
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), streamer=streamer, **kwargs)
-    new = out[:, width:]
-    texts, n_new = [], 0
-    for row in new:
-        row = row.tolist()
-        if tokenizer.eos_token_id in row:
+    rows, n_new = [], 0
+    for row in out[:, width:].tolist():
+        # finished rows are padded after their EOS (and SmolLM2's pad *is* its EOS): cut at the first one
+        stopped = tokenizer.eos_token_id in row
+        if stopped:
             row = row[:row.index(tokenizer.eos_token_id) + 1]
         n_new += len(row)
-        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        rows.append(Generation(tokenizer.decode(row, skip_special_tokens=True).strip(), len(row), stopped))
     seconds = time.time() - t0
-    return texts, {"new_tokens": n_new, "seconds": seconds, "tokens_per_s": n_new / max(seconds, 1e-9)}
+    return rows, {"new_tokens": n_new, "seconds": seconds, "tokens_per_s": n_new / max(seconds, 1e-9)}
+
+
+def generate(model, tokenizer, prompts: list[list[int]], gen: GenConfig, streamer=None) -> tuple[list[str], dict]:
+    """Batched generation (left-padded prompts, KV cache). Returns texts and speed figures."""
+    rows, stats = generate_details(model, tokenizer, prompts, gen, streamer)
+    return [r.text for r in rows], stats
 
 
 def answer(model, tokenizer, cfg, questions: list[str], gen: GenConfig, base: bool = False, batch_size: int = 8):
