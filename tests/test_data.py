@@ -50,9 +50,10 @@ def test_empty_nan_and_duplicate_rows_are_counted_not_silently_dropped(tmp_path)
     examples, report = load_examples(str(path))
     assert len(examples) == 2
     assert report.rows == 5 and report.kept == 2
-    assert report.skipped["empty answer"] == [4, 5]
+    assert report.skipped["whitespace-only answer"] == [4]
+    assert report.skipped["NaN/NULL answer"] == [5]
     assert report.skipped["duplicate row"] == [6]
-    assert any("empty answer" in line for line in report.lines())
+    assert any("whitespace-only answer (line 4)" in line for line in report.lines())
 
 
 def test_all_rows_empty_is_one_error(tmp_path):

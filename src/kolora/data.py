@@ -47,6 +47,7 @@ class DataReport:
     rows: int = 0
     kept: int = 0
     skipped: dict = field(default_factory=lambda: defaultdict(list))  # reason -> [line, …]
+    notes: list = field(default_factory=list)  # warnings that drop nothing (unused columns)
 
     def skip(self, reason: str, line: int) -> None:
         self.skipped[reason].append(line)
@@ -56,6 +57,7 @@ class DataReport:
         for reason, where in self.skipped.items():
             shown = ", ".join(map(str, where[:10])) + (" …" if len(where) > 10 else "")
             out.append(f"  skipped {len(where)} × {reason} (line {shown})")
+        out += [f"  note: {n}" for n in self.notes]
         return out
 
 
@@ -98,6 +100,19 @@ def _clean(value) -> str:
         return ""
     text = str(value).strip()
     return "" if text in NAN_STRINGS else text
+
+
+def _field_problem(value, name: str) -> str | None:
+    """Why a question/answer cell is unusable, as a report reason; None when it is fine."""
+    if value is None or (isinstance(value, str) and value == ""):
+        return f"empty {name}"
+    if isinstance(value, bool) or isinstance(value, (list, dict)):
+        return f"wrong type: {name} is {type(value).__name__}, expected text"
+    if isinstance(value, float) and value != value or (isinstance(value, str) and value.strip() in NAN_STRINGS):
+        return f"NaN/NULL {name}"
+    if isinstance(value, str) and not value.strip():
+        return f"whitespace-only {name}"
+    return None
 
 
 def load_examples(path: str) -> tuple[list[Example], DataReport]:
@@ -189,6 +204,17 @@ def _check_columns(keys: list[str], path: Path) -> tuple[str, str]:
     return q, a
 
 
+KNOWN_KEYS = QUESTION_KEYS + ANSWER_KEYS + INPUT_KEYS + CATEGORY_KEYS + DIFFICULTY_KEYS + ("messages", "system", "id")
+
+
+def _note_unknown_columns(keys: list, report: DataReport) -> None:
+    """A misspelled optional column (`catgory`) would silently lose its values: say so."""
+    for k in keys:
+        if isinstance(k, str) and k.strip().lower() not in KNOWN_KEYS:
+            guess = nearest(k.strip().lower(), [c for c in KNOWN_KEYS if c.isascii()])
+            report.notes.append(f"column '{k}' is not used" + (f" (did you mean '{guess}'?)" if guess else ""))
+
+
 def _to_examples(records: list[tuple[int, dict]], path: Path, report: DataReport) -> list[Example]:
     examples: list[Example] = []
     seen: set[tuple[str, str]] = set()
@@ -203,6 +229,11 @@ def _to_examples(records: list[tuple[int, dict]], path: Path, report: DataReport
         else:
             if cols is None:
                 cols = _check_columns(list(rec.keys()), path)
+                _note_unknown_columns(list(rec.keys()), report)
+            problem = _field_problem(rec.get(cols[0]), "question") or _field_problem(rec.get(cols[1]), "answer")
+            if problem:
+                report.skip(problem, line)
+                continue
             q = _clean(rec.get(cols[0]))
             inp = _clean(rec.get(_pick(list(rec.keys()), INPUT_KEYS) or "", ""))
             if q and inp:

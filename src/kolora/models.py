@@ -228,7 +228,9 @@ def load_model(src: ModelSource, dtype: str = "float32", quantization: str = "no
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    refuse_pickle_weights(src)
+    # use_safetensors: never fall back to unpickling pytorch_model.bin (it can run code)
+    kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if quantization != "none":
         kwargs["quantization_config"] = bnb_config(quantization, kwargs["dtype"])
         kwargs["device_map"] = {"": device if device is not None else "cpu"}
@@ -244,6 +246,19 @@ def load_model(src: ModelSource, dtype: str = "float32", quantization: str = "no
                               "pass --model.trust_remote_code true if you trust its author") from None
         raise
     return model
+
+
+def refuse_pickle_weights(src: ModelSource) -> None:
+    p = Path(src.path)
+    if not p.is_dir():
+        return
+    if any(p.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+    if pickles:
+        raise KoloraError(f"model {src.name} has only pickle-based weights ({pickles[0]}); kolora loads safetensors only",
+                          "convert once if you trust its author: AutoModelForCausalLM.from_pretrained(DIR)"
+                          ".save_pretrained(NEW_DIR) writes model.safetensors")
 
 
 def bnb_config(quantization: str, compute_dtype):

@@ -72,7 +72,28 @@ def open_run(path: str, need_adapter: bool = True) -> Run:
         raise KoloraError(f"run directory not found: {path}", "pass the directory `kolora train` wrote (e.g. runs/demo)")
     if not run.config_file.is_file():
         raise KoloraError(f"{path} is not a kolora run (no config.yaml)", "pass the directory `kolora train` wrote")
+    check_inside(run)
     if need_adapter and not (run.adapter / "adapter_model.safetensors").is_file():
         raise KoloraError(f"{path} has no trained adapter yet (adapter/adapter_model.safetensors)",
                           f"finish training first, or resume it: kolora train --resume {path}")
     return run
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def check_inside(run: Run) -> None:
+    """A run's parts must live inside it (no symlink to elsewhere) and hold no pickles: loading a
+    pickle runs whatever code it contains, so an adapter or run copied from a stranger could."""
+    base = run.path.resolve()
+    for part in (run.config_file, run.info_file, run.adapter, run.tokenizer, run.checkpoints, run.path / "data"):
+        if part.exists() and not part.resolve().is_relative_to(base):
+            raise KoloraError(f"{part} points outside the run directory {run.path} (to {part.resolve()})",
+                              "copy the files into the run directory instead of linking them")
+    for folder in (run.adapter, run.tokenizer):
+        if folder.is_dir():
+            for f in folder.iterdir():
+                if f.suffix in PICKLE_SUFFIXES:
+                    raise KoloraError(f"{f} is a pickle-based file; kolora loads weights only as safetensors",
+                                      "remove it (a kolora adapter is adapter_model.safetensors), or convert it "
+                                      "with safetensors if you trust its author")
