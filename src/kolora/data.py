@@ -48,6 +48,7 @@ class DataReport:
     kept: int = 0
     skipped: dict = field(default_factory=lambda: defaultdict(list))  # reason -> [line, …]
     notes: list = field(default_factory=list)  # warnings that drop nothing (unused columns)
+    unit: str = "line"  # JSON lists are counted by item (0-based), CSV/JSONL by line
 
     def skip(self, reason: str, line: int) -> None:
         self.skipped[reason].append(line)
@@ -56,7 +57,7 @@ class DataReport:
         out = [f"{self.path}: {self.rows} rows read ({self.encoding}), {self.kept} kept"]
         for reason, where in self.skipped.items():
             shown = ", ".join(map(str, where[:10])) + (" …" if len(where) > 10 else "")
-            out.append(f"  skipped {len(where)} × {reason} (line {shown})")
+            out.append(f"  skipped {len(where)} × {reason} ({self.unit} {shown})")
         out += [f"  note: {n}" for n in self.notes]
         return out
 
@@ -134,6 +135,7 @@ def load_examples(path: str) -> tuple[list[Example], DataReport]:
         records = _read_jsonl(text, p)
     else:
         records = _read_json(text, p)
+        report.unit = "item"
     examples = _to_examples(records, p, report)
     return examples, report
 
@@ -199,7 +201,7 @@ def _check_columns(keys: list[str], path: Path) -> tuple[str, str]:
     for found, want in ((q, "question"), (a, "answer")):
         if found is None:
             guess = nearest(want, [k for k in keys if isinstance(k, str)])
-            hint = f"rename column '{guess}' to '{want}'" if guess else f"add a '{want}' column (or messages / instruction,output)"
+            hint = f"rename column '{guess}' to '{want}'" if guess else f"add {'an' if want[0] in 'aeiou' else 'a'} '{want}' column (or messages / instruction,output)"
             raise KoloraError(f"{path}: no '{want}' column (found: {', '.join(map(str, keys)) or 'none'})", hint)
     return q, a
 
@@ -258,7 +260,7 @@ def _to_examples(records: list[tuple[int, dict]], path: Path, report: DataReport
         examples.append(ex)
     report.kept = len(examples)
     if not examples:
-        raise KoloraError(f"{path}: no usable examples ({'; '.join(report.lines()[1:]) or 'the file has no rows'})",
+        raise KoloraError(f"{path}: no usable examples ({'; '.join(x.strip() for x in report.lines()[1:]) or 'the file has no rows'})",
                           "fix the rows listed, then run `kolora prepare` again")
     return examples
 
