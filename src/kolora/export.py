@@ -1,0 +1,453 @@
+"""`kolora export RUN --format gguf`: a GGUF that llama.cpp and Ollama run, answering like the run.
+
+1. Merge the adapter into a float32 base (`kolora.merge`, which checks logits against the adapter).
+2. Put the training prompt format into the merged tokenizer as a Jinja chat template — the run's
+   own template, or a Jinja equivalent of kolora's fallback (`### 질문:` / `### 답변:`) — and check
+   that it renders exactly what `kolora.prompt.render_prompt` renders.
+3. Convert with llama.cpp's own `convert_hf_to_gguf.py` (vendored in `kolora/_vendor/llama_cpp`,
+   run in a subprocess so its bundled `gguf-py` never mixes with the installed `gguf`).
+4. Round trip: read the GGUF back with transformers (which dequantizes it) and compare next-token
+   logits with the merged model on a few training-format prompts; the GGUF's tokenizer plus its chat
+   template must produce the ids the model was trained on. Figures go to `kolora-export.json`.
+5. Write an Ollama `Modelfile` whose TEMPLATE, SYSTEM and stop parameters match training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import KoloraError
+
+HELP = "export a run as GGUF for llama.cpp / Ollama (chat template kept, round trip checked)"
+
+VENDOR = Path(__file__).resolve().parent / "_vendor" / "llama_cpp"
+
+# Max |next-token logit difference| between the GGUF (dequantized by transformers) and the merged
+# float32 model, and the next token must be the same. f16 rounds each weight to 11 significant bits;
+# q8_0 stores 8-bit weights with one scale per 32. Measured on the bundled models: f16 ≤ 0.03,
+# q8_0 ≤ 0.4 (see README); the limits leave room for other prompts without hiding a broken export.
+TOLERANCE = {"f16": 0.25, "q8_0": 1.5}
+
+# Architectures whose GGUF transformers can read back (`gguf_file=`); others convert but the
+# round trip cannot be run here.
+ROUND_TRIP_ARCHS = {"llama", "gemma2", "gemma3", "gpt2", "qwen2", "qwen3", "phi3", "mistral", "stablelm",
+                    "starcoder2", "falcon", "bloom", "nemotron", "lfm2"}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("run", help="run directory written by `kolora train`")
+    p.add_argument("--format", default="gguf", choices=["gguf"], help="output format")
+    p.add_argument("--quant", default="q8_0", choices=sorted(TOLERANCE),
+                   help="GGUF tensor type: q8_0 (half the size of f16, near-lossless) or f16")
+    p.add_argument("--out", required=True, help="output directory (GGUF, Modelfile, kolora-export.json)")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.add_argument("--keep-merged", action="store_true", help="keep the merged Hugging Face model in OUT/merged")
+    p.add_argument("--no-check", action="store_true", help="skip the round-trip check (not recommended)")
+
+
+def run(args) -> int:
+    result = export(args.run, args.out, quant=args.quant, force=args.force, keep_merged=args.keep_merged,
+                    check=not args.no_check)
+    return 0 if result["ok"] else 1
+
+
+# --------------------------------------------------------------------------- chat templates
+def _literal(text: str | None) -> str:
+    """A Jinja string literal (JSON escapes are valid Jinja, and llama.cpp's minja reads them too)."""
+    return "none" if text is None else json.dumps(text, ensure_ascii=False)
+
+
+def fallback_jinja(default_system: str | None) -> str:
+    """Jinja equivalent of kolora's fallback prompt (`kolora.prompt.render_prompt` without a template).
+
+    Every piece of output is a string expression and every tag trims whitespace, so the template's
+    own line breaks never reach the prompt."""
+    from .prompt import A_MARK, Q_MARK
+
+    q, a = _literal(Q_MARK + "\n"), _literal(A_MARK + "\n")
+    return (
+        "{%- set ns = namespace(system=" + _literal(default_system) + ") -%}\n"
+        "{%- if messages and messages[0]['role'] == 'system' and messages[0]['content'] -%}\n"
+        "  {%- set ns.system = messages[0]['content'] -%}\n"
+        "{%- endif -%}\n"
+        "{%- if ns.system -%}{{ ns.system + '\\n\\n' }}{%- endif -%}\n"
+        "{%- for m in messages -%}\n"
+        "  {%- if m['role'] == 'user' -%}{{ " + q + " + m['content'] + '\\n\\n' }}\n"
+        "  {%- elif m['role'] == 'assistant' -%}{{ " + a + " + m['content'] + '\\n\\n' }}\n"
+        "  {%- endif -%}\n"
+        "{%- endfor -%}\n"
+        "{%- if add_generation_prompt -%}{{ " + a + " }}{%- endif -%}"
+    )
+
+
+def with_default_system(template: str, system: str) -> str:
+    """The model's own template, with the run's system prompt where the request brings none
+    (render_prompt puts data.system_prompt into every prompt)."""
+    return ("{%- if not (messages and messages[0]['role'] == 'system' and messages[0]['content']) -%}\n"
+            "  {%- set messages = [{'role': 'system', 'content': " + _literal(system) + "}] + messages -%}\n"
+            "{%- endif -%}\n" + template)
+
+
+def export_template(run_tokenizer, cfg) -> tuple[str, str]:
+    """(kind, Jinja template) reproducing the prompts the run was trained on."""
+    from .prompt import uses_chat_template
+
+    system = cfg.data.system_prompt
+    if uses_chat_template(run_tokenizer, cfg.data.template):
+        template = run_tokenizer.chat_template
+        return "model", with_default_system(template, system) if system else template
+    return "kolora-fallback", fallback_jinja(system)
+
+
+def probe_examples(questions: list[str]):
+    """Conversations that exercise every branch of a template: plain, own system prompt, history."""
+    from .data import Example
+
+    q = questions[0]
+    history = [{"role": "user", "content": "전세권이란 무엇인가요?"},
+               {"role": "assistant", "content": "전세금을 지급하고 타인의 부동산을 점유하여 사용·수익하는 권리입니다."}]
+    return [Example(x, "") for x in questions] + [
+        Example(q, "", system="당신은 한국 민법 상담 도우미입니다."),
+        Example(q, "", history=history),
+        Example(q, "", history=history, system="간단히 답하세요."),
+    ]
+
+
+def messages_of(ex) -> list[dict]:
+    return ([{"role": "system", "content": ex.system}] if ex.system else []) + list(ex.history) + \
+        [{"role": "user", "content": ex.question}]
+
+
+def check_template(run_tokenizer, merged_tokenizer, cfg, examples) -> None:
+    """The exported template must render exactly what training rendered, or the GGUF answers badly."""
+    from .prompt import render_prompt
+
+    for ex in examples:
+        want = render_prompt(run_tokenizer, ex, cfg.data.system_prompt, cfg.data.template)
+        got = merged_tokenizer.apply_chat_template(messages_of(ex), tokenize=False, add_generation_prompt=True)
+        if got != want:
+            raise KoloraError(f"the exported chat template renders {got[:80]!r}… but training used {want[:80]!r}…",
+                              "report this with the run's config.yaml (data.template / system_prompt)")
+
+
+# --------------------------------------------------------------------------- Ollama
+def _go_string(text: str) -> str:
+    """A Modelfile triple-quoted value; a literal triple quote cannot be expressed there."""
+    if '"""' in text:
+        raise KoloraError('the system prompt contains """, which an Ollama Modelfile cannot hold',
+                          "change data.system_prompt")
+    return f'"""{text}"""'
+
+
+FALLBACK_GO = (
+    '{{ range .Messages }}{{ if eq .Role "system" }}{{ .Content }}\n\n'
+    '{{ else if eq .Role "user" }}Q_MARK\n{{ .Content }}\n\n'
+    '{{ else if eq .Role "assistant" }}A_MARK\n{{ .Content }}\n\n'
+    '{{ end }}{{ end }}A_MARK\n'
+)
+CHATML_GO = (
+    '{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+    '{{ end }}<|im_start|>assistant\n'
+)
+
+
+def chatml_default_system(run_tokenizer) -> str | None:
+    """The system prompt a ChatML template injects by itself (SmolLM2 does), so Ollama can inject it too."""
+    text = run_tokenizer.apply_chat_template([{"role": "user", "content": "PROBE"}], tokenize=False,
+                                             add_generation_prompt=True)
+    head, sep, _ = text.partition("<|im_start|>user\n")
+    prefix = "<|im_start|>system\n"
+    if sep and head.startswith(prefix) and head.endswith("<|im_end|>\n"):
+        return head[len(prefix):-len("<|im_end|>\n")]
+    return None
+
+
+def modelfile(gguf_name: str, kind: str, run_tokenizer, cfg, gen) -> tuple[str, str]:
+    """(Modelfile text, how its TEMPLATE was made). Ollama templates are Go templates, so known
+    formats are translated; an unknown one is left to Ollama's own detection from the GGUF."""
+    from .prompt import A_MARK, Q_MARK
+
+    system = cfg.data.system_prompt
+    stops = [run_tokenizer.eos_token]
+    lines = [f"# Ollama: ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_name}"]
+    if kind == "kolora-fallback":
+        lines.append("TEMPLATE " + _go_string(FALLBACK_GO.replace("Q_MARK", Q_MARK).replace("A_MARK", A_MARK)))
+        stops.append(Q_MARK)  # a model that forgets EOS would write the next question itself
+        how = "kolora fallback (### 질문: / ### 답변:)"
+    elif "<|im_start|>" in (run_tokenizer.chat_template or ""):
+        lines.append("TEMPLATE " + _go_string(CHATML_GO))
+        system = system or chatml_default_system(run_tokenizer)
+        stops += ["<|im_end|>", "<|im_start|>"]
+        how = "ChatML"
+    else:
+        lines.append("# TEMPLATE: Ollama derives it from the GGUF's tokenizer.chat_template")
+        how = "from the GGUF (no Go translation for this template)"
+    if system:
+        lines.append("SYSTEM " + _go_string(system))
+    for stop in dict.fromkeys(s for s in stops if s):
+        lines.append(f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}")
+    # the defaults of `kolora chat`, so both answer alike
+    lines += [f"PARAMETER temperature {gen.temperature:g}", f"PARAMETER top_p {gen.top_p:g}",
+              f"PARAMETER repeat_penalty {gen.repetition_penalty:g}", f"PARAMETER num_predict {gen.max_new_tokens}"]
+    return "\n".join(lines) + "\n", how
+
+
+# --------------------------------------------------------------------------- conversion
+def prepare_for_converter(merged: Path) -> None:
+    """transformers 5 no longer saves GPT-2's `n_ctx`, which the converter reads."""
+    config_file = merged / "config.json"
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") == "gpt2" and "n_ctx" not in config:
+        config["n_ctx"] = config.get("n_positions", 1024)
+        config_file.write_text(json.dumps(config, indent=2))
+
+
+def convert(merged: Path, gguf_path: Path, quant: str, log_path: Path) -> float:
+    if not (VENDOR / "convert_hf_to_gguf.py").is_file():
+        raise KoloraError(f"llama.cpp's converter is missing from {VENDOR}", "reinstall kolora")
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "kolora.export", "--llama-cpp-convert", str(merged),
+           "--outtype", quant, "--outfile", str(gguf_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log_path.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0 or not gguf_path.is_file():
+        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+        last = next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+        hint = f"full converter output in {log_path}"
+        if "not supported" in last:
+            hint = "llama.cpp has no converter for this architecture; " + hint
+        elif "pre-tokenizer" in last:
+            hint = "llama.cpp does not know this tokenizer's pre-tokenizer; " + hint
+        raise KoloraError(f"llama.cpp's converter failed: {last.strip()}", hint)
+    return time.time() - t0
+
+
+def _convert_main(argv: list[str]) -> None:
+    """Runs in the converter subprocess: llama.cpp's script with its own gguf-py first on the path.
+
+    One addition: a byte-level BPE tokenizer whose pre-tokenizer is exactly GPT-2's (HF
+    `ByteLevel` with its regex, no normalizer) but whose vocabulary llama.cpp has never hashed
+    gets the `gpt-2` pre-tokenizer, which is the same regex. Any other unknown tokenizer still
+    fails as llama.cpp decides."""
+    sys.path[:0] = [str(VENDOR), str(VENDOR / "gguf-py")]
+    os.environ["NO_LOCAL_GGUF"] = "1"  # already on the path, first
+    import convert_hf_to_gguf  # noqa: E402 - vendored llama.cpp
+    from conversion.base import TextModel
+
+    known = TextModel.get_vocab_base_pre
+
+    def vocab_pre(self, tokenizer):
+        try:
+            return known(self, tokenizer)
+        except NotImplementedError:
+            if gpt2_pretokenizer(Path(self.dir_model)):
+                return "gpt-2"
+            raise
+
+    TextModel.get_vocab_base_pre = vocab_pre
+    sys.argv = ["convert_hf_to_gguf.py", *argv]
+    convert_hf_to_gguf.main()
+
+
+def gpt2_pretokenizer(model_dir: Path) -> bool:
+    try:
+        spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    pre = spec.get("pre_tokenizer") or {}
+    return (pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not spec.get("normalizer")
+            and (spec.get("model") or {}).get("type") == "BPE")
+
+
+# --------------------------------------------------------------------------- round trip
+def gguf_metadata(path: Path) -> dict:
+    """The few GGUF keys the checks need, read with the installed `gguf` reader."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    wanted = {"general.architecture": "arch", "tokenizer.chat_template": "chat_template",
+              "tokenizer.ggml.add_bos_token": "add_bos", "tokenizer.ggml.bos_token_id": "bos_id",
+              "tokenizer.ggml.eos_token_id": "eos_id", "tokenizer.ggml.pre": "pre",
+              "tokenizer.ggml.model": "tokenizer_model"}
+    meta = {}
+    for key, name in wanted.items():
+        field = reader.get_field(key)
+        if field is not None:
+            meta[name] = field.contents()
+    meta["file_type"] = int(reader.get_field("general.file_type").contents()) \
+        if reader.get_field("general.file_type") is not None else None
+    return meta
+
+
+def load_gguf_model(path: Path, arch: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    if arch == "gpt2":  # transformers maps gpt2.context_length to n_ctx only; positions live in n_positions
+        config.n_positions = config.n_ctx
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, config=config,
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+def next_token_logits(model, prompts: list[list[int]]):
+    import torch
+
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([p])).logits[0, -1].float() for p in prompts]
+
+
+def gguf_prompt_ids(path: Path, meta: dict, merged_tokenizer, ex) -> list[int]:
+    """What llama.cpp feeds the model: the GGUF's template rendered, tokenized with special tokens
+    parsed, BOS added when the GGUF says so."""
+    text = merged_tokenizer.apply_chat_template(messages_of(ex), chat_template=meta["chat_template"],
+                                                tokenize=False, add_generation_prompt=True)
+    ids = gguf_tokenizer(path)(text, add_special_tokens=False).input_ids
+    return ([int(meta["bos_id"])] if meta.get("add_bos") and meta.get("bos_id") is not None else []) + ids
+
+
+_GGUF_TOKENIZERS: dict = {}
+
+
+def gguf_tokenizer(path: Path):
+    if path not in _GGUF_TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _GGUF_TOKENIZERS[path] = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return _GGUF_TOKENIZERS[path]
+
+
+def round_trip(gguf_path: Path, merged: Path, meta: dict, run_tokenizer, merged_tokenizer, cfg, examples,
+               quant: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from .prompt import encode_prompt
+
+    arch = meta.get("arch")
+    if arch not in ROUND_TRIP_ARCHS:
+        return {"checked": False, "reason": f"transformers cannot read '{arch}' GGUF files back"}
+    train_ids = [encode_prompt(run_tokenizer, ex, cfg.data.system_prompt, cfg.data.template) for ex in examples]
+    id_mismatch = []
+    for ex, want in zip(examples, train_ids):
+        got = gguf_prompt_ids(gguf_path, meta, merged_tokenizer, ex)
+        if got != want:
+            id_mismatch.append({"question": ex.question, "training_ids": want[:12], "gguf_ids": got[:12]})
+    _GGUF_TOKENIZERS.clear()
+    merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype="float32").eval()
+    want_logits = next_token_logits(merged_model, train_ids)
+    del merged_model
+    got_logits = next_token_logits(load_gguf_model(gguf_path, arch), train_ids)
+    diffs = [float((a - b).abs().max()) for a, b in zip(want_logits, got_logits)]
+    same_next = [int(a.argmax()) == int(b.argmax()) for a, b in zip(want_logits, got_logits)]
+    tolerance = TOLERANCE[quant]
+    return {"checked": True, "prompts": len(train_ids), "max_logit_diff": max(diffs),
+            "logit_diffs": [round(d, 5) for d in diffs], "tolerance": tolerance,
+            "same_next_token": all(same_next), "prompt_ids_match": not id_mismatch, "id_mismatch": id_mismatch,
+            "ok": max(diffs) <= tolerance and all(same_next) and not id_mismatch}
+
+
+# --------------------------------------------------------------------------- the verb
+def export(run_path: str, out: str, quant: str = "q8_0", force: bool = False, keep_merged: bool = False,
+           check: bool = True) -> dict:
+    from transformers import AutoTokenizer
+
+    from .chat import GenConfig
+    from .data import read_jsonl
+    from .merge import merge
+    from .runs import open_run
+
+    if quant not in TOLERANCE:
+        raise KoloraError(f"unknown --quant '{quant}'", f"use one of {', '.join(sorted(TOLERANCE))}")
+    run = open_run(run_path)
+    out_dir = Path(out).expanduser()
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise KoloraError(f"{out} exists and is not empty", "choose another --out or pass --force")
+    if out_dir.exists() and force:
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = run.config()
+    t0 = time.time()
+
+    merged = out_dir / "merged"
+    merge_result = merge(str(run.path), str(merged), force=True)
+    run_tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
+    kind, template = export_template(run_tokenizer, cfg)
+    merged_tokenizer = AutoTokenizer.from_pretrained(merged)
+    merged_tokenizer.chat_template = template
+    merged_tokenizer.save_pretrained(merged)
+    test = read_jsonl(run.split("test")) if run.split("test").is_file() else []
+    examples = probe_examples([ex.question for ex in test[:3]] or ["전세권의 존속기간은 얼마인가요?"])
+    check_template(run_tokenizer, merged_tokenizer, cfg, examples)
+    prepare_for_converter(merged)
+
+    name = run.path.resolve().name
+    gguf_path = out_dir / f"{name}-{quant}.gguf"
+    print(f"[kolora] converting with llama.cpp's convert_hf_to_gguf.py ({quant}) …", flush=True)
+    seconds = convert(merged, gguf_path, quant, out_dir / "convert.log")
+    meta = gguf_metadata(gguf_path)
+    if meta.get("chat_template") != template:
+        raise KoloraError(f"{gguf_path.name} lacks the chat template that was written into the merged tokenizer",
+                          f"see {out_dir / 'convert.log'}")
+
+    text, how = modelfile(gguf_path.name, kind, run_tokenizer, cfg, GenConfig())
+    (out_dir / "Modelfile").write_text(text, encoding="utf-8")
+
+    if check:
+        print("[kolora] round trip: reading the GGUF back with transformers …", flush=True)
+        rt = round_trip(gguf_path, merged, meta, run_tokenizer, merged_tokenizer, cfg, examples, quant)
+    else:
+        rt = {"checked": False, "reason": "--no-check"}
+    result = {
+        "run": str(run.path), "base": cfg.model.name, "gguf": gguf_path.name, "quant": quant,
+        "size_mb": round(gguf_path.stat().st_size / 2**20, 1), "arch": meta.get("arch"),
+        "tokenizer_pre": meta.get("pre"), "add_bos": bool(meta.get("add_bos")),
+        "chat_template": kind, "modelfile_template": how,
+        "merge_max_logit_diff": merge_result["max_logit_diff"], "convert_seconds": round(seconds, 1),
+        "round_trip": rt, "seconds": round(time.time() - t0, 1),
+        "converter": "llama.cpp convert_hf_to_gguf.py from llama-cpp-python 0.3.36 (vendored)",
+    }
+    result["ok"] = rt.get("ok", True)
+    (out_dir / "kolora-export.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    if not keep_merged:
+        shutil.rmtree(merged)
+    report(result, out_dir)
+    if not result["ok"]:
+        problems = []
+        if rt["max_logit_diff"] > rt["tolerance"]:
+            problems.append(f"max logit difference {rt['max_logit_diff']:.3g} > {rt['tolerance']:g}")
+        if not rt["same_next_token"]:
+            problems.append("a different next token")
+        if not rt["prompt_ids_match"]:
+            problems.append("the GGUF's tokenizer + template give other prompt ids than training")
+        raise KoloraError(f"the GGUF does not answer like the merged model: {'; '.join(problems)} "
+                          f"(details in {out_dir / 'kolora-export.json'})",
+                          "try --quant f16; if it persists, report it with convert.log")
+    return result
+
+
+def report(result: dict, out_dir: Path) -> None:
+    rt = result["round_trip"]
+    print(f"GGUF: {out_dir / result['gguf']} ({result['size_mb']} MB, {result['arch']}, {result['quant']}, "
+          f"chat template: {result['chat_template']})")
+    print(f"Ollama: {out_dir / 'Modelfile'} (template: {result['modelfile_template']}) — "
+          f"cd {out_dir} && ollama create NAME -f Modelfile")
+    if rt.get("checked"):
+        verdict = "OK" if rt["ok"] else "FAILED"
+        print(f"round trip {verdict}: max next-token logit difference {rt['max_logit_diff']:.4f} "
+              f"(limit {rt['tolerance']:g}) over {rt['prompts']} prompts, same next token: "
+              f"{'yes' if rt['same_next_token'] else 'NO'}, prompt ids as in training: "
+              f"{'yes' if rt['prompt_ids_match'] else 'NO'}")
+    else:
+        print(f"WARNING: round trip NOT checked — {rt['reason']}; the GGUF was written by llama.cpp's converter "
+              "but kolora could not verify it", file=sys.stderr)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--llama-cpp-convert"]:
+    _convert_main(sys.argv[2:])
