@@ -411,7 +411,7 @@ def create_app(state: State):
         if stream:
             return StreamingResponse(sse(job, reply, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text = await run_in_threadpool(lambda: "".join(job.pieces()))
+        text = await run_in_threadpool(lambda: "".join(job.pieces()).strip())
         if job.error is not None:
             raise ApiError(500, f"generation failed: {type(job.error).__name__}: {job.error}", kind="server_error")
         return reply.completion(text, job.finish_reason, job.completion_tokens)

@@ -1,0 +1,368 @@
+"""`kolora serve`: the OpenAI-compatible API through the official `openai` client, its 4xx answers,
+and the web chat page driven in headless Chromium."""
+
+import itertools
+import json
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from conftest import ROOT, TINY_TRAIN, run_cli
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+DEFAULT_TOKENS = 24  # the server's --max-new-tokens: short answers keep the tests fast
+CAP = 40  # the server's --max-tokens-cap
+QUESTION = "전세권의 존속기간은 얼마인가요?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_models, small_csv, tmp_path_factory):
+    run = tmp_path_factory.mktemp("serve") / "tiny-llama"
+    r = run_cli("train", "--model", str(tiny_models["llama"]), "--data", str(small_csv), "--out", str(run),
+                *TINY_TRAIN)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run):
+    """`kolora serve` in a subprocess, as a user starts it (default host: 127.0.0.1)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "kolora", "serve", str(tiny_run), "--port", str(port),
+                             "--max-new-tokens", str(DEFAULT_TOKENS), "--max-tokens-cap", str(CAP)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"kolora serve exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("kolora serve did not answer within 180 s")
+    yield SimpleNamespace(url=url, name=tiny_run.name, run=tiny_run)
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(client, server, question=QUESTION, **kwargs):
+    return client.chat.completions.create(model=server.name, messages=[{"role": "user", "content": question}],
+                                          **kwargs)
+
+
+# --------------------------------------------------------------------------- the API
+def test_models_lists_the_run(client, server):
+    models = client.models.list().data
+    assert [m.id for m in models] == [server.name]
+    assert client.models.retrieve(server.name).id == server.name
+
+
+def test_answers_like_kolora_chat(client, server):
+    """Same prompt format and decoding as `kolora chat`: greedy answers are identical."""
+    from kolora.chat import GenConfig, answer, load_tuned
+    from kolora.runs import open_run
+
+    reply = ask(client, server)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.finish_reason in ("stop", "length")
+    assert reply.model == server.name
+    assert 0 < reply.usage.completion_tokens <= DEFAULT_TOKENS
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+    model, tokenizer, cfg = load_tuned(open_run(str(server.run)))
+    texts, _ = answer(model, tokenizer, cfg, [QUESTION], GenConfig(max_new_tokens=DEFAULT_TOKENS))
+    assert choice.message.content == texts[0]
+
+
+def test_streaming_matches_non_streaming(client, server):
+    full = ask(client, server).choices[0].message.content
+    pieces, finish, usage = [], None, None
+    for chunk in ask(client, server, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            finish = choice.finish_reason or finish
+    assert "".join(pieces).strip() == full
+    assert len(pieces) > 1, "the answer came in one piece: not streamed"
+    assert finish in ("stop", "length")
+    assert usage is not None and usage.completion_tokens > 0
+
+
+def test_stop_sequence_cuts_the_answer(client, server):
+    full = ask(client, server).choices[0].message.content
+    stop = next(full[i:i + 2] for i in range(len(full) // 2, len(full) - 1)
+                if not any(c.isspace() or c == "\ufffd" for c in full[i:i + 2]))
+    assume = full.index(stop)
+    reply = ask(client, server, stop=[stop])
+    assert reply.choices[0].message.content == full[:assume].rstrip()
+    assert reply.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in ask(client, server, stop=stop, stream=True)
+                       if c.choices)
+    assert streamed.strip() == full[:assume].strip()
+
+
+def test_max_tokens_is_capped(client, server):
+    reply = ask(client, server, max_tokens=100_000)
+    assert reply.usage.completion_tokens <= CAP
+    short = ask(client, server, max_tokens=3)
+    assert short.usage.completion_tokens <= 3 and short.choices[0].finish_reason == "length"
+
+
+def test_history_and_system_prompt_are_accepted(client, server):
+    reply = client.chat.completions.create(model=server.name, max_tokens=4, messages=[
+        {"role": "system", "content": "간단히 답하세요."},
+        {"role": "user", "content": "전세권이란?"},
+        {"role": "assistant", "content": "전세금을 지급하고 부동산을 사용하는 권리입니다."},
+        {"role": "user", "content": [{"type": "text", "text": "존속기간은요?"}]},
+    ])
+    assert reply.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("kwargs, error, status", [
+    (dict(messages=[]), "UnprocessableEntityError", 422),
+    (dict(messages=[{"role": "assistant", "content": "hi"}]), "BadRequestError", 400),
+    (dict(messages=[{"role": "user", "content": "   "}]), "BadRequestError", 400),
+    (dict(messages=[{"role": "tool", "content": "x"}]), "UnprocessableEntityError", 422),
+    (dict(messages=[{"role": "user", "content": "q"}], temperature=7), "UnprocessableEntityError", 422),
+    (dict(messages=[{"role": "user", "content": "q"}], max_tokens=0), "UnprocessableEntityError", 422),
+    (dict(messages=[{"role": "user", "content": "q"}], n=2), "BadRequestError", 400),
+    (dict(messages=[{"role": "user", "content": "q"}], model="gpt-4o"), "NotFoundError", 404),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+     "BadRequestError", 400),
+])
+def test_bad_requests_get_a_clear_4xx(client, server, kwargs, error, status):
+    kwargs.setdefault("model", server.name)
+    with pytest.raises(getattr(openai, error)) as caught:
+        client.chat.completions.create(**kwargs)
+    assert caught.value.status_code == status
+    body = caught.value.response.json()
+    assert body["error"]["message"] and body["error"]["type"]
+
+
+def test_malformed_and_oversized_bodies(server):
+    url = server.url + "/v1/chat/completions"
+    r = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    big = {"messages": [{"role": "user", "content": "가" * 40_000}]}  # ~120 KB in UTF-8, over the 64 KB limit
+    r = httpx.post(url, json=big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the limit must hold while reading
+        for _ in range(100):
+            yield b" " * 1024
+    r = httpx.post(url, content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert httpx.get(server.url + "/v1/nothing").status_code == 404
+
+
+def test_binds_loopback_by_default_and_refuses_a_busy_port(tiny_run):
+    from kolora.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "runs/x"]).host == "127.0.0.1"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        r = run_cli("serve", str(tiny_run), "--port", str(busy.getsockname()[1]), timeout=60)
+    assert r.returncode == 2
+    assert "cannot listen" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_api_key_is_enforced(server):
+    """In-process app with a stub model: the key check comes before any generation."""
+    from fastapi.testclient import TestClient
+
+    from kolora.chat import GenConfig
+    from kolora.serve import State, create_app
+
+    cfg = SimpleNamespace(model=SimpleNamespace(name="stub"), data=SimpleNamespace(system_prompt=None,
+                                                                                   template="auto"))
+    state = State("stub", None, None, cfg, GenConfig(), 16, 4096, api_key="s3cret")
+    with TestClient(create_app(state)) as http:
+        assert http.get("/v1/models").status_code == 401
+        assert http.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = http.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "stub"
+        assert http.get("/").status_code == 200  # the page itself asks for the key
+
+
+def test_page_loads_nothing_from_other_hosts(server):
+    html = httpx.get(server.url + "/").text
+    assert "<script" in html
+    for marker in ('src="http', "src='http", 'href="http', "@import", "cdn"):
+        assert marker not in html
+
+
+# --------------------------------------------------------------------------- the web page
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def install_chromium() -> str | None:
+    """Debian's chromium, installed the first time the page test runs, where apt can be used."""
+    if find_chromium() or os.environ.get("KOLORA_NO_APT"):
+        return find_chromium()
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return None
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env, timeout=600)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True, env=env, timeout=900)
+    return find_chromium()
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe):
+    JSON messages ending in NUL, written to the browser's fd 3 and read from its fd 4. No
+    websocket client and no browser download needed."""
+
+    def __init__(self, exe: str, profile: str):
+        to_browser, self._to_w = os.pipe()
+        self._from_r, from_browser = os.pipe()
+
+        def wire():  # dup first: os.pipe() may have returned 3 or 4, and dup2(fd, fd) keeps close-on-exec
+            r, w = os.dup(to_browser), os.dup(from_browser)
+            os.dup2(r, 3)
+            os.dup2(w, 4)
+
+        self.proc = subprocess.Popen(
+            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+             "--no-default-browser-check", "--remote-debugging-pipe", f"--user-data-dir={profile}", "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=False,
+            preexec_fn=wire)
+        os.close(to_browser)
+        os.close(from_browser)
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, queue.Queue] = {}
+        threading.Thread(target=self._read, daemon=True).start()
+        target = self.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+
+    def _read(self) -> None:
+        buffer = b""
+        while data := os.read(self._from_r, 1 << 16):
+            buffer += data
+            while b"\0" in buffer:
+                raw, buffer = buffer.split(b"\0", 1)
+                msg = json.loads(raw)
+                if msg.get("id") in self._waiting:
+                    self._waiting[msg["id"]].put(msg)
+        for q in list(self._waiting.values()):
+            q.put({"error": "browser closed"})
+
+    def send(self, method: str, params: dict | None = None, page: bool = False, timeout: float = 30):
+        mid = next(self._ids)
+        self._waiting[mid] = q = queue.Queue()
+        msg = {"id": mid, "method": method, "params": params or {}}
+        if page:
+            msg["sessionId"] = self.session
+        os.write(self._to_w, json.dumps(msg).encode() + b"\0")
+        reply = q.get(timeout=timeout)
+        del self._waiting[mid]
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply["result"]
+
+    def js(self, expression: str):
+        result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True}, page=True)
+        return result["result"].get("value")
+
+    def key(self, key: str, code: int) -> None:
+        for kind in ("keyDown", "keyUp"):
+            self.send("Input.dispatchKeyEvent", {"type": kind, "key": key, "code": key,
+                                                 "windowsVirtualKeyCode": code}, page=True)
+
+    def wait_for(self, expression: str, timeout: float = 60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {expression}")
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close", timeout=5)
+            self.proc.wait(timeout=10)
+        except Exception:  # noqa: BLE001 - a browser that will not close is killed
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    exe = install_chromium()
+    if exe is None:
+        pytest.skip("Chromium is not installed and cannot be installed here (needs root and apt-get; "
+                    "Debian: apt-get install chromium)")
+    with tempfile.TemporaryDirectory() as profile:
+        b = Chromium(exe, profile)
+        yield b
+        b.close()
+
+
+ASSISTANT = "document.querySelectorAll('.msg.assistant')"
+
+
+def test_web_page_streams_an_answer_and_names_the_run(browser, client, server):
+    expected = ask(client, server).choices[0].message.content
+    browser.send("Page.navigate", {"url": server.url + "/"}, page=True)
+    assert browser.wait_for("document.getElementById('run-name').textContent !== '…' "
+                            "&& document.getElementById('run-name').textContent") == server.name
+    assert browser.js("document.getElementById('base-model').textContent") != "…"
+
+    browser.js("document.getElementById('question').focus()")
+    browser.send("Input.insertText", {"text": QUESTION}, page=True)  # typed, Korean included
+    browser.key("Enter", 13)
+    seen = set()
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        state = browser.js(f"(() => {{ const d = {ASSISTANT}[0]; return d ? [d.dataset.state, "
+                           f"d.querySelector('.text').textContent] : null }})()")
+        if state:
+            seen.add(state[1])
+            if state[0] != "streaming":
+                break
+        time.sleep(0.02)
+    assert state and state[0] == "done", state
+    assert state[1] == expected
+    assert browser.js("document.querySelector('.msg.user .text').textContent") == QUESTION
+    assert len(seen) > 1 or browser.js(f"{ASSISTANT}[0].dataset.pieces > 1"), "the page did not stream"
+
+    # a second question carries the first turn as history
+    browser.send("Input.insertText", {"text": "더 자세히 설명해 주세요."}, page=True)
+    browser.key("Enter", 13)
+    browser.wait_for(f"{ASSISTANT}.length === 2 && {ASSISTANT}[1].dataset.state === 'done'", timeout=120)
+    assert browser.js("document.querySelectorAll('.msg.error').length") == 0
