@@ -1,31 +1,78 @@
-"""Rough plan for `kolora train --dry-run`: memory and time before any training step.
+"""`kolora estimate`: peak memory and time per step of a training config, before training.
 
-Memory: base weights in their dtype + LoRA weights, gradients and AdamW moments (fp32, 16
-bytes per parameter) + activations (~34·hidden bytes per token per layer in 16-bit, the
-Megatron rule of thumb) + answer-position logits. Time: `train_flops` per token (the same
-formula the training loop logs MFU with), at an assumed MFU (calibrated on the demo) of a matmul peak measured here in the compute dtype."""
+One model of memory serves `kolora estimate` and `kolora train --dry-run`:
+
+    peak = runtime + weights + LoRA state + max(loading, training micro-batch, evaluation batch)
+
+- runtime: on a CPU the libraries and the tokenizer, measured in this process (the training
+  process holds the same); on a GPU the CUDA context.
+- weights: base parameters in their dtype; with QLoRA the decoder's linear weights take
+  ~0.52 byte (NF4 + double-quantised scales) and peft's `prepare_model_for_kbit_training`
+  turns every other parameter (embeddings, norms) into float32.
+- LoRA state: float32 weights, gradients and both AdamW moments, 16 bytes per parameter.
+- training micro-batch: the activations autograd keeps for backward, *measured* by running
+  a 1- and a 2-layer copy of the model (built from its config, random weights, LoRA
+  attached, kolora's own loss) under saved-tensor hooks, so every architecture gets its own
+  bytes per token per layer; plus the output layer, which kolora runs at answer positions
+  only: answer rows × vocabulary × 12 bytes (head output, float32 log-softmax kept for
+  backward, its gradient and the log-softmax gradient alive at the same moment).
+- evaluation batch (max(batch, 8) rows, no graph): answer rows × vocabulary × 8 bytes.
+- loading (CPU only): the checkpoint's pages are read while the weights are cast.
+
+The shapes are the ones training will see: the same tokenizer, split, length filter,
+length-grouped batches, padding to 32 and answer rows to 64.
+
+Time per step: `train_flops` (the formula the training loop logs MFU with) over a matmul
+peak measured here for ~0.3 s in the compute dtype, at an MFU calibrated from real CPU runs
+(bench/estimate_validation.py). On a GPU that is not in this machine the peak and MFU are
+assumptions, and the output says so.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+import re
 import time
+from dataclasses import dataclass, field, replace
+
+from .errors import KoloraError
+
+HELP = "predict peak memory and time per step of a training config, with a verdict (fits / what to change)"
+
+GiB = 2**30
+# MFU the training loop logs on this class of CPU (2 cores, AVX-512 + AMX, bf16 autocast):
+# median of the gemma3-270m and smollm2-135m presets in bench/estimate_validation.py.
+MFU_CPU = 0.12
+# A GPU that is not here: typical LoRA training efficiency on consumer cards, and a peak
+# between an RTX 3060 and a 4070 (dense bf16 tensor cores). Assumptions, printed as such.
+MFU_GPU = 0.35
+GPU_PEAK_TFLOPS = 30.0
+CUDA_CONTEXT_BYTES = 0.5 * GiB
+# When /proc is missing: python + torch + transformers + peft + accelerate measured here.
+LIBRARIES_BYTES = 0.4 * GiB
+LOGIT_BYTES_TRAIN = 12  # per answer row per vocabulary entry, see the module docstring
+LOGIT_BYTES_EVAL = 8
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weight + 8-bit scale per 64 + fp32 per 256 scales
+EVAL_BATCH_MIN = 8  # train.py evaluates with max(batch_size, 8)
+PAD_MULTIPLE, ROW_MULTIPLE = 32, 64  # the same as train.py
 
 
-# Calibrated on the demo run (Gemma-3 270M, 2 cores, bf16): measured MFU ~12%, RSS 4.6 GB.
-MFU_ASSUMED = 0.12
-RUNTIME_BYTES = 1.2e9
-
-
-def matmul_peak_gflops(dtype_name: str, seconds: float = 0.3) -> float:
+# --------------------------------------------------------------------------- kept signatures
+def matmul_peak_gflops(dtype_name: str, seconds: float = 0.3, device: str = "cpu") -> float:
     import torch
 
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    n = 1024
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype_name, torch.float32)
+    n = 1024 if device == "cpu" else 4096
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b  # warm-up
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    sync()
     reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         reps += 1
+        sync()
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
@@ -47,43 +94,620 @@ def train_flops(model, tokens: int, answer_tokens: int, seq_len: float, lora_par
     return tokens * (4 * n_body + 6 * lora_params + attention) + answer_tokens * 4 * vocab * hidden
 
 
-def plan_lines(cfg, src, train_data, total_steps: int, precision: str) -> list[str]:
+# --------------------------------------------------------------------------- the model, without weights
+@dataclass
+class ModelFacts:
+    name: str
+    kind: str
+    path: str
+    model: object  # on the meta device: shapes only
+    config: object
+    n_params: int
+    n_layer_linear: int  # weights bitsandbytes would quantize
+    vocab: int
+    hidden: int
+    layers: int
+    targets: list
+    lora_params: int
+    checkpoint_bytes: int
+    dtype_bytes: dict = field(default_factory=dict)
+
+
+def layer_count(config) -> int:
+    return getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+
+
+def model_facts(cfg, src=None) -> ModelFacts:
+    """Shapes and parameter counts from the config alone: no weights are loaded."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(src.path, trust_remote_code=cfg.model.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    from .models import lora_param_count, target_modules
+    from .models import lora_param_count, resolve, target_modules
 
-    n_params = sum(p.numel() for p in model.parameters())
-    hidden = model.get_input_embeddings().weight.shape[1]
-    vocab = config.vocab_size
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 12)
-    lora = lora_param_count(model, target_modules(model, cfg.lora.target_modules), cfg.lora.r)
-    bytes_w = {"4bit": 0.56, "8bit": 1.0}.get(cfg.model.quantization, 2 if precision in ("bf16", "fp16") else 4)
-    seq = max(len(t.input_ids) for t in train_data)
-    tok_step = cfg.train.batch_size * seq
-    all_tokens = sum(len(t.input_ids) for t in train_data)
-    ans_frac = sum(t.answer_tokens for t in train_data) / max(1, all_tokens)
-    act = tok_step * layers * hidden * 34 * (1 if precision in ("bf16", "fp16") else 2)
-    if cfg.train.gradient_checkpointing:
-        act /= 8  # only layer inputs are kept
-    logits = tok_step * ans_frac * vocab * 10
-    # Loading casts from the float32 checkpoint, so float32 weights exist for a moment; the
-    # runtime (python, torch, tokenizer, oneDNN caches) is ~1.2 GB on CPU, measured on the demo.
-    load = n_params * 4 if bytes_w < 4 else 0
-    mem = n_params * bytes_w + lora * 16 + act + logits + load + RUNTIME_BYTES
-    mean_len = all_tokens / max(len(train_data), 1)
-    tokens_total = total_steps * cfg.train.grad_accum * cfg.train.batch_size * mean_len
-    flops_tok = train_flops(model, 1, ans_frac, mean_len, lora)  # the formula MFU is logged with
-    peak = matmul_peak_gflops(precision)
-    seconds = tokens_total * flops_tok / (MFU_ASSUMED * peak * 1e9)
-    return [
-        f"estimate: {n_params / 1e6:.0f} M base parameters ({bytes_w:g} bytes each), {lora / 1e6:.2f} M LoRA",
-        f"estimate: peak memory ≈ {mem / 2**30:.1f} GiB (weights {n_params * bytes_w / 2**30:.2f}, activations {act / 2**30:.2f}, "
-        f"logits {logits / 2**30:.2f}, load {load / 2**30:.2f}, runtime {RUNTIME_BYTES / 2**30:.2f})",
-        f"estimate: ≈ {tokens_total:,.0f} tokens, {flops_tok / 1e9:.2f} GFLOP/token, matmul peak here {peak:.0f} GFLOP/s "
-        f"at ~{100 * MFU_ASSUMED:.0f}% MFU → roughly {seconds / 60:.1f} min of training",
-        "dry run: nothing was trained",
-    ]
+    src = src or resolve(cfg.model.name)
+    try:
+        config = AutoConfig.from_pretrained(src.path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        if src.kind == "hub":
+            raise KoloraError(f"cannot read the config of '{src.name}': it is not in the local Hugging Face cache "
+                              "and the hub cannot be reached", "go online once (only config.json and the tokenizer "
+                              "are needed to estimate), or use an offline preset") from None
+        raise KoloraError(f"cannot read the config of {src.name}: {str(e).splitlines()[0]}") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    targets = target_modules(model, cfg.lora.target_modules)
+    head = model.get_output_embeddings()
+    # bitsandbytes replaces every Linear (and GPT-2's Conv1D) except the output layer
+    layer_linear = sum(m.weight.numel() for m in model.modules()
+                       if m is not head and type(m).__name__ in ("Linear", "Conv1D"))
+    emb = model.get_input_embeddings().weight
+    return ModelFacts(
+        name=cfg.model.name, kind=src.kind, path=src.path, model=model, config=config,
+        n_params=sum(p.numel() for p in model.parameters()), n_layer_linear=layer_linear,
+        vocab=emb.shape[0], hidden=emb.shape[1], layers=layer_count(config), targets=targets,
+        lora_params=lora_param_count(model, targets, cfg.lora.r),
+        checkpoint_bytes=checkpoint_bytes(src, config, sum(p.numel() for p in model.parameters())))
+
+
+def checkpoint_bytes(src, config, n_params: int) -> int:
+    """Bytes of the weight files (read during loading): on disk when local, else from the config's dtype."""
+    from pathlib import Path
+
+    path = Path(src.path)
+    if path.is_dir():
+        files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
+        if files:
+            return sum(f.stat().st_size for f in files)
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    return n_params * (2 if ("16" in dtype) else 4)
+
+
+def weight_bytes(facts: ModelFacts, base_dtype: str, quantization: str) -> float:
+    per = 2 if base_dtype in ("bfloat16", "float16") else 4
+    if quantization == "4bit":
+        return facts.n_layer_linear * NF4_BYTES + (facts.n_params - facts.n_layer_linear) * 4
+    if quantization == "8bit":
+        return facts.n_layer_linear * 1.0 + (facts.n_params - facts.n_layer_linear) * 4
+    return facts.n_params * per
+
+
+# --------------------------------------------------------------------------- activations, measured
+@dataclass
+class ActivationProfile:
+    """Bytes autograd keeps per token: per layer (a + b·seq), outside the layers c; with
+    gradient checkpointing only `ckpt` per token per layer, plus one layer recomputed."""
+
+    per_layer: float
+    per_layer_seq: float
+    outside: float
+    ckpt_per_layer: float
+
+    def layer(self, width: int) -> float:
+        return self.per_layer + self.per_layer_seq * width
+
+    def saved(self, tokens: int, width: int, layers: int, checkpointing: bool) -> float:
+        if checkpointing:
+            return tokens * (layers * self.ckpt_per_layer + self.layer(width) + max(self.outside, 0.0))
+        return tokens * max(layers * self.layer(width) + self.outside, 0.0)
+
+
+def _with_layers(config, n: int):
+    import copy
+
+    c = copy.deepcopy(config)
+    c.num_hidden_layers = n
+    if getattr(c, "layer_types", None):
+        c.layer_types = list(c.layer_types)[:n]
+    c.vocab_size = 512  # the output layer is accounted for separately
+    for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(c, attr, None)
+        if isinstance(value, int) and value >= 512:
+            setattr(c, attr, 0)
+    return c
+
+
+def _saved_bytes(config, cfg, dtype, autocast_dtype, layers: int, rows: int, seq: int, checkpointing: bool) -> int:
+    import contextlib
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .prompt import IGNORE
+    from .train import answer_loss_module, attach_lora
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(_with_layers(config, layers), dtype=dtype,
+                                             trust_remote_code=cfg.model.trust_remote_code)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model, _ = attach_lora(model, cfg)
+    loss_model = answer_loss_module(model)
+    loss_model.train()
+    params = {p.untyped_storage().data_ptr() for p in loss_model.parameters()}
+    ids = torch.randint(4, 500, (rows, seq))
+    labels = ids.clone()
+    labels[:, : seq // 2] = IGNORE
+    kept: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:  # frozen weights are counted with the weights
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    amp = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
+        loss_model(ids, torch.ones_like(ids), labels)
+    return sum(kept.values())
+
+
+def probe_activations(facts: ModelFacts, cfg, precision: str) -> ActivationProfile:
+    """Run a 1- and a 2-layer copy of the model on two lengths and count what autograd keeps.
+
+    The difference between 2 and 1 layers is one layer (the first layer keeps less: its
+    input needs no gradient, which the `outside` term absorbs); two lengths separate a
+    quadratic attention term from the linear ones. Takes well under a second."""
+    import torch
+
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.bfloat16}.get(precision)  # fp16 probes as bf16 (same sizes)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    rows, short, long = 2, 64, 128
+
+    def per_token(layers, seq, ckpt=False):
+        return _saved_bytes(facts.config, cfg, dtype, autocast, layers, rows, seq, ckpt) / (rows * seq)
+
+    one_s, two_s = per_token(1, short), per_token(2, short)
+    one_l, two_l = per_token(1, long), per_token(2, long)
+    layer_s, layer_l = two_s - one_s, two_l - one_l
+    per_layer_seq = max((layer_l - layer_s) / (long - short), 0.0)
+    per_layer = layer_l - per_layer_seq * long
+    ckpt = per_token(2, short, True) - per_token(1, short, True)
+    return ActivationProfile(per_layer, per_layer_seq, one_l - layer_l, max(ckpt, 0.0))
+
+
+# --------------------------------------------------------------------------- data shapes
+@dataclass
+class DataProfile:
+    """(length, answer tokens) of every tokenized row, before the max_length filter."""
+
+    train: list
+    eval: list  # validation + test
+    source: str = "data"
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer) -> "DataProfile":
+        from .data import load_examples, split_examples
+        from .prompt import IGNORE, encode_example
+
+        examples, _ = load_examples(cfg.data.path)
+        splits = split_examples(examples, cfg.data.split, cfg.data.seed)
+
+        def rows(name):
+            out = []
+            for ex in splits[name]:
+                ids, labels = encode_example(tokenizer, ex, cfg.data.system_prompt, cfg.data.template)
+                out.append((len(ids), sum(1 for x in labels if x != IGNORE)))
+            return out
+
+        return cls(rows("train"), rows("validation") + rows("test"), cfg.data.path)
+
+    @classmethod
+    def from_tokenized(cls, train_data) -> "DataProfile":
+        # --dry-run only has the training split; evaluation rows come from the same distribution
+        rows = [(len(t.input_ids), t.answer_tokens) for t in train_data]
+        return cls(rows, rows, "train split")
+
+    def kept(self, rows: list, max_length: int) -> list:
+        return [r for r in rows if r[0] <= max_length]
+
+    def train_batches(self, batch_size: int, max_length: int, seed: int, rows_seen: int) -> list[tuple]:
+        """(rows, padded width, padded answer rows) of the micro-batches training will run:
+        the same length-grouped batches, epoch after epoch, until `rows_seen` rows."""
+        from .train import LengthGroupedBatches
+
+        rows = self.kept(self.train, max_length)
+        if not rows:
+            return []
+        sampler = LengthGroupedBatches([r[0] for r in rows], batch_size, seed)
+        out, epoch, n_micro = [], 0, max(1, math.ceil(rows_seen / batch_size))
+        while len(out) < n_micro:
+            out += [_shape([rows[i] for i in batch]) for batch in sampler.batches(epoch)]
+            epoch += 1
+        return out[:n_micro]
+
+    def eval_batches(self, batch_size: int, max_length: int) -> list[tuple]:
+        rows = sorted(self.kept(self.eval, max_length))
+        size = max(batch_size, EVAL_BATCH_MIN)
+        return [_shape(rows[i:i + size]) for i in range(0, len(rows), size)]
+
+    def mean_length(self, max_length: int) -> float:
+        rows = self.kept(self.train, max_length)
+        return sum(r[0] for r in rows) / max(len(rows), 1)
+
+    def answer_fraction(self, max_length: int) -> float:
+        rows = self.kept(self.train, max_length)
+        return sum(r[1] for r in rows) / max(sum(r[0] for r in rows), 1)
+
+
+def _shape(rows: list) -> tuple[int, int, int]:
+    width = -(-max(r[0] for r in rows) // PAD_MULTIPLE) * PAD_MULTIPLE
+    answers = -(-sum(r[1] for r in rows) // ROW_MULTIPLE) * ROW_MULTIPLE
+    return len(rows), width, answers
+
+
+# --------------------------------------------------------------------------- the device
+@dataclass
+class Device:
+    kind: str  # cpu | cuda
+    budget: float  # bytes training may use
+    label: str
+    peak_gflops: float
+    mfu: float
+    time_note: str
+
+
+def meminfo() -> dict:
+    try:
+        with open("/proc/meminfo") as f:
+            return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    except OSError:
+        return {}
+
+
+def current_rss() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def parse_device(text: str, precision: str, peak_tflops: float | None) -> Device:
+    text = text.strip().lower()
+    if text == "cpu":
+        info = meminfo()
+        total, avail = info.get("MemTotal", 0), info.get("MemAvailable", 0)
+        peak = matmul_peak_gflops(precision)
+        return Device("cpu", avail or total, f"cpu: {total / GiB:.1f} GiB RAM, {avail / GiB:.1f} GiB available",
+                      peak, MFU_CPU, f"MFU {100 * MFU_CPU:.0f}% calibrated on real CPU runs "
+                                     "(bench/estimate_validation.py)")
+    match = re.fullmatch(r"cuda(?::(\d+(?:\.\d+)?)\s*gi?b)?", text)
+    if not match:
+        raise KoloraError(f"--device '{text}' is not cpu, cuda or cuda:<N>GB", "for example --device cuda:8GB")
+    if match.group(1):
+        budget = float(match.group(1)) * GiB
+        label = f"cuda: {float(match.group(1)):g} GiB GPU"
+        if peak_tflops:
+            return Device("cuda", budget, label, peak_tflops * 1e3, MFU_GPU,
+                          f"peak {peak_tflops:g} TFLOP/s as given, MFU {100 * MFU_GPU:.0f}% assumed")
+        return Device("cuda", budget, label, GPU_PEAK_TFLOPS * 1e3, MFU_GPU,
+                      f"ASSUMED GPU: {GPU_PEAK_TFLOPS:g} TFLOP/s peak at {100 * MFU_GPU:.0f}% MFU "
+                      "(pass --peak-tflops for your card)")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise KoloraError("--device cuda: no CUDA GPU here", "name the GPU's memory instead, e.g. --device cuda:8GB")
+    prop = torch.cuda.get_device_properties(0)
+    peak = peak_tflops * 1e3 if peak_tflops else matmul_peak_gflops(precision, device="cuda")
+    return Device("cuda", prop.total_memory, f"cuda: {prop.name}, {prop.total_memory / GiB:.1f} GiB", peak, MFU_GPU,
+                  f"matmul peak measured here, MFU {100 * MFU_GPU:.0f}% assumed")
+
+
+# --------------------------------------------------------------------------- the estimate
+@dataclass
+class Setting:
+    """The knobs a verdict may turn."""
+
+    batch_size: int
+    max_length: int
+    checkpointing: bool
+    quantization: str
+
+    def describe_change(self, base: "Setting", grad_accum: int) -> str:
+        if self.quantization != base.quantization:
+            return "use QLoRA (model.quantization: 4bit)"
+        if self.checkpointing != base.checkpointing:
+            return "turn on train.gradient_checkpointing (~30% slower)"
+        if self.batch_size != base.batch_size:
+            accum = max(1, round(base.batch_size * grad_accum / self.batch_size))
+            return (f"lower train.batch_size to {self.batch_size} (and raise train.grad_accum to {accum} "
+                    "to keep the effective batch)")
+        return f"lower data.max_length to {self.max_length}"
+
+
+@dataclass
+class Memory:
+    runtime: float
+    weights: float
+    lora_state: float
+    activations: float
+    logits: float
+    eval_batch: float
+    loading: float
+    worst_batch: tuple
+    worst_eval: tuple
+
+    @property
+    def phases(self) -> dict:
+        steady = self.runtime + self.weights
+        return {"load": self.runtime + self.loading + self.weights,
+                "train": steady + self.lora_state + self.activations + self.logits,
+                "eval": steady + self.lora_state + self.eval_batch}
+
+    @property
+    def peak(self) -> float:
+        return max(self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+
+@dataclass
+class Estimate:
+    facts: ModelFacts
+    device: Device
+    setting: Setting
+    memory: Memory
+    profile: ActivationProfile
+    data: DataProfile
+    precision: str
+    base_dtype: str
+    steps: int
+    grad_accum: int
+    step_seconds: float
+    eval_seconds: float
+    flops_per_token: float
+    tokens_per_step: float
+    train_rows: int
+    dropped: int
+    verdict: str
+    alternatives: list
+
+    @property
+    def peak_bytes(self) -> float:
+        return self.memory.peak
+
+    @property
+    def mfu(self) -> float:
+        return self.device.mfu
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.peak <= self.device.budget
+
+    def phase_mb(self) -> dict:
+        return {k: v / 2**20 for k, v in self.memory.phases.items()}
+
+    def to_json(self) -> dict:
+        m = self.memory
+        return {"model": self.facts.name, "device": self.device.label, "budget_gib": self.device.budget / GiB,
+                "peak_gib": m.peak / GiB, "peak_phase": m.peak_phase, "fits": self.fits, "verdict": self.verdict,
+                "alternatives": self.alternatives,
+                "parts_gib": {k: getattr(m, k) / GiB for k in ("runtime", "weights", "lora_state", "activations",
+                                                               "logits", "eval_batch", "loading")},
+                "phases_gib": {k: v / GiB for k, v in m.phases.items()},
+                "activation_bytes_per_token_per_layer": self.profile.layer(m.worst_batch[1]),
+                "step_seconds": self.step_seconds, "steps": self.steps,
+                "total_minutes": (self.steps * self.step_seconds + self.eval_seconds) / 60,
+                "flops_per_token": self.flops_per_token, "peak_gflops": self.device.peak_gflops, "mfu": self.mfu}
+
+    def lines(self) -> list[str]:
+        f, m, s = self.facts, self.memory, self.setting
+        rows, width, answers = m.worst_batch
+        per_w = {"4bit": "NF4 linear weights, float32 rest", "8bit": "int8 linear weights, float32 rest"}.get(
+            s.quantization, f"{self.base_dtype}")
+        total_min = (self.steps * self.step_seconds + self.eval_seconds) / 60
+        out = [
+            f"model    {f.name} ({f.kind}): {f.n_params / 1e6:.0f} M parameters, {f.layers} layers, hidden {f.hidden}, "
+            f"vocab {f.vocab:,}; LoRA r={self.lora_r} on {','.join(f.targets)}: {f.lora_params / 1e6:.2f} M",
+            f"data     {self.data.source}: {self.train_rows} training rows ≤ {s.max_length} tokens"
+            + (f" ({self.dropped} longer rows dropped)" if self.dropped else "")
+            + f"; largest micro-batch {rows} × {width} tokens with {answers} answer rows (padded)",
+            f"device   {self.device.label}; precision {self.precision}",
+            f"peak memory ≈ {m.peak / GiB:.2f} GiB (during {PHASE_WORDS[m.peak_phase]})",
+            f"  runtime                {m.runtime / GiB:6.2f} GiB  "
+            + ("libraries + tokenizer, measured in this process" if self.device.kind == "cpu" else "CUDA context"),
+            f"  base weights           {m.weights / GiB:6.2f} GiB  {f.n_params / 1e6:.0f} M parameters, {per_w}",
+            f"  LoRA + AdamW state     {m.lora_state / GiB:6.2f} GiB  {f.lora_params / 1e6:.2f} M × 16 bytes "
+            "(fp32 weight, gradient, 2 moments)",
+            f"  activations            {m.activations / GiB:6.2f} GiB  {self.profile.layer(width) / 1024:.1f} KiB per token "
+            f"per layer (measured on a 1-2 layer copy){' with checkpointing' if s.checkpointing else ''} "
+            f"× {f.layers} layers × {rows * width:,} tokens",
+            f"  logits (answers only)  {m.logits / GiB:6.2f} GiB  {answers} rows × {f.vocab:,} × {LOGIT_BYTES_TRAIN} bytes",
+            f"  evaluation batch       {m.eval_batch / GiB:6.2f} GiB  {m.worst_eval[2]} answer rows × {f.vocab:,} × "
+            f"{LOGIT_BYTES_EVAL} bytes (batch {m.worst_eval[0]}, after the step's memory is freed)",
+        ]
+        if m.loading:
+            out.append(f"  loading                {m.loading / GiB:6.2f} GiB  checkpoint pages while the weights are cast "
+                       "(only during loading)")
+        out += [
+            f"time     ≈ {self.step_seconds:.2f} s per optimizer step ({self.tokens_per_step:,.0f} tokens × "
+            f"{self.flops_per_token / 1e9:.2f} GFLOP/token at {self.device.peak_gflops:,.0f} GFLOP/s peak; "
+            f"{self.device.time_note})",
+            f"         {self.steps} steps ≈ {total_min:.1f} min including evaluation, plus model loading",
+            f"verdict  {self.verdict}",
+        ]
+        out += [f"         also fits: {alt}" for alt in self.alternatives]
+        return out
+
+    lora_r: int = 0
+
+
+PHASE_WORDS = {"load": "model loading", "train": "a training step", "eval": "evaluation"}
+
+
+def memory_for(facts: ModelFacts, profile: ActivationProfile, data: DataProfile, device: Device, setting: Setting,
+               base_dtype: str, runtime: float, seed: int, rows_seen: int) -> Memory:
+    weights = weight_bytes(facts, base_dtype, setting.quantization)
+    train_batches = data.train_batches(setting.batch_size, setting.max_length, seed, rows_seen)
+    if not train_batches:
+        raise KoloraError(f"no training rows are at most data.max_length={setting.max_length} tokens",
+                          "raise data.max_length")
+
+    def step_bytes(shape):
+        rows, width, answers = shape
+        act = profile.saved(rows * width, width, facts.layers, setting.checkpointing)
+        return act, answers * facts.vocab * LOGIT_BYTES_TRAIN
+
+    worst = max(train_batches, key=lambda b: sum(step_bytes(b)))
+    act, logits = step_bytes(worst)
+    evals = data.eval_batches(setting.batch_size, setting.max_length) or [(0, 0, 0)]
+
+    def eval_bytes(shape):  # no graph: one layer's working set and the logits
+        rows, width, answers = shape
+        return rows * width * profile.layer(width) + answers * facts.vocab * LOGIT_BYTES_EVAL
+
+    worst_eval = max(evals, key=eval_bytes)
+    loading = facts.checkpoint_bytes if device.kind == "cpu" else 0.0
+    return Memory(runtime, weights, facts.lora_params * 16.0, act, logits, eval_bytes(worst_eval), loading,
+                  worst, worst_eval)
+
+
+def advise(fits_with, setting: Setting, grad_accum: int, allow_qlora: bool) -> tuple[str, list[str]]:
+    """The verdict: 'fits', or the least costly single change that fits, then the others."""
+    if fits_with(setting):
+        return "fits", []
+    options = []
+    for b in range(setting.batch_size - 1, 0, -1):  # slower only; same effective batch
+        if fits_with(replace(setting, batch_size=b)):
+            options.append(replace(setting, batch_size=b))
+            break
+    if not setting.checkpointing and fits_with(replace(setting, checkpointing=True)):
+        options.append(replace(setting, checkpointing=True))
+    if allow_qlora and setting.quantization == "none" and fits_with(replace(setting, quantization="4bit")):
+        options.append(replace(setting, quantization="4bit"))
+    for length in range(setting.max_length - PAD_MULTIPLE, PAD_MULTIPLE - 1, -PAD_MULTIPLE):  # drops data: last
+        try:
+            if fits_with(replace(setting, max_length=length)):
+                options.append(replace(setting, max_length=length))
+                break
+        except KoloraError:  # no rows left at this length
+            break
+    changes = [o.describe_change(setting, grad_accum) for o in options]
+    if changes:
+        return f"does not fit — {changes[0]}", changes[1:]
+    smallest = replace(setting, batch_size=1, checkpointing=True,
+                       quantization="4bit" if allow_qlora else setting.quantization)
+    if fits_with(smallest):
+        return ("does not fit with one change — combine: train.batch_size 1, train.gradient_checkpointing true"
+                + (", model.quantization 4bit" if allow_qlora else "")), []
+    return "does not fit even with batch 1, gradient checkpointing and QLoRA — use a smaller model or a bigger device", []
+
+
+def estimate(cfg, device: str = "cpu", peak_tflops: float | None = None, src=None, tokenizer=None,
+             data: DataProfile | None = None, precision: str | None = None, runtime: float | None = None,
+             total_steps: int | None = None) -> Estimate:
+    """Everything `kolora estimate` prints. Pieces the caller already has (train --dry-run) may be passed in."""
+    from .models import load_tokenizer, resolve
+    from .train import base_dtype, resolve_precision
+
+    src = src or resolve(cfg.model.name)
+    on_cuda = device.strip().lower().startswith("cuda")
+    precision = precision or _precision(cfg, on_cuda, resolve_precision)
+    if data is None:
+        tokenizer = tokenizer or load_tokenizer(src, cfg.model.trust_remote_code)
+        data = DataProfile.from_config(cfg, tokenizer)
+    if on_cuda:
+        runtime = CUDA_CONTEXT_BYTES
+    elif runtime is None:
+        runtime = training_runtime_bytes()
+    facts = model_facts(cfg, src)
+    dev = parse_device(device, precision, peak_tflops)
+    dtype = base_dtype(cfg, precision)
+    profile = probe_activations(facts, cfg, precision)
+    setting = Setting(cfg.train.batch_size, cfg.data.max_length, cfg.train.gradient_checkpointing,
+                      cfg.model.quantization)
+    kept = data.kept(data.train, setting.max_length)
+    steps = total_steps or steps_of(cfg, len(kept))
+    rows_seen = steps * cfg.train.grad_accum * cfg.train.batch_size
+
+    def memory(s: Setting) -> Memory:
+        return memory_for(facts, profile, data, dev, s, dtype, runtime, cfg.train.seed, rows_seen)
+
+    mem = memory(setting)
+    verdict, alternatives = advise(lambda s: memory(s).peak <= dev.budget, setting, cfg.train.grad_accum,
+                                   allow_qlora=True)
+    if verdict == "fits" and mem.peak > 0.8 * dev.budget:
+        verdict = f"fits, tightly ({mem.peak / GiB:.1f} of {dev.budget / GiB:.1f} GiB; the estimate's error is ±25%)"
+    elif verdict == "fits":
+        verdict = f"fits ({mem.peak / GiB:.1f} of {dev.budget / GiB:.1f} GiB)"
+
+    mean_len = data.mean_length(setting.max_length)
+    flops_tok = train_flops(facts.model, 1, data.answer_fraction(setting.max_length), mean_len, facts.lora_params)
+    tokens_step = cfg.train.batch_size * cfg.train.grad_accum * mean_len
+    rate = dev.peak_gflops * 1e9 * dev.mfu
+    # Evaluation is a forward pass, about half a training pass per token. Validation (half of
+    # the held-out rows) runs at step 0, every eval_every steps and at the end; the test half
+    # runs twice (base and tuned).
+    held_out = sum(r[0] for r in data.kept(data.eval, setting.max_length))
+    passes = 2 + (steps // cfg.train.eval_every if cfg.train.eval_every else 0) + 2
+    eval_s = passes * held_out / 2 * flops_tok / 2 / rate
+    est = Estimate(facts, dev, setting, mem, profile, data, precision, dtype, steps, cfg.train.grad_accum,
+                   tokens_step * flops_tok / rate, eval_s, flops_tok, tokens_step, len(kept),
+                   len(data.train) - len(kept), verdict, alternatives)
+    est.lora_r = cfg.lora.r
+    return est
+
+
+def steps_of(cfg, train_rows: int, processes: int = 1) -> int:
+    """Optimizer steps, counted the way train.py counts them."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    local_batches = math.ceil(math.ceil(train_rows / cfg.train.batch_size) / processes)
+    return max(1, math.ceil(cfg.train.epochs * math.ceil(local_batches / cfg.train.grad_accum)))
+
+
+def _precision(cfg, on_cuda: bool, resolve_precision) -> str:
+    if on_cuda and cfg.train.mixed_precision == "auto":
+        return "bf16"  # Ampere or newer; an older card would use fp16, of the same size
+    if on_cuda:
+        return cfg.train.mixed_precision
+    return resolve_precision(cfg.train.mixed_precision, False)
+
+
+def training_runtime_bytes() -> float:
+    """What the training process holds before its model loads: the same libraries, tokenizer
+    and data as this process now (called after both are loaded)."""
+    import accelerate  # noqa: F401 - training imports them, so they count here too
+    import peft  # noqa: F401
+
+    return current_rss() or LIBRARIES_BYTES
+
+
+# --------------------------------------------------------------------------- train --dry-run
+def plan_lines(cfg, src, train_data, total_steps: int, precision: str) -> list[str]:
+    """`kolora train --dry-run`: the estimate with the data training already tokenized."""
+    est = estimate(cfg, "cpu", src=src, data=DataProfile.from_tokenized(train_data), precision=precision,
+                   runtime=training_runtime_bytes(), total_steps=total_steps)
+    return [f"estimate: {line}" for line in est.lines()] + ["dry run: nothing was trained"]
+
+
+# --------------------------------------------------------------------------- the verb
+def add_arguments(parser) -> None:
+    from .cli import add_config_flags
+
+    add_config_flags(parser)
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (this machine's RAM), cuda:<N>GB for a GPU with N GiB (e.g. cuda:8GB), "
+                             "or cuda for the GPU here")
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for the time estimate")
+    parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
+
+def run(args) -> int:
+    import json
+
+    from .cli import build_config
+
+    est = estimate(build_config(args), args.device, args.peak_tflops)
+    if args.json:
+        print(json.dumps(est.to_json(), indent=2, ensure_ascii=False))
+    else:
+        for line in est.lines():
+            print(line)
+    return 0

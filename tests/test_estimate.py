@@ -1,0 +1,142 @@
+"""`kolora estimate`: memory parts that add up, a measured activation profile that extrapolates,
+verdicts that name the change that fits, and the same numbers in `kolora train --dry-run`.
+Real-model accuracy (predicted vs measured peak RSS) is bench/estimate_validation.py's job."""
+
+import json
+
+import pytest
+from conftest import run_cli
+
+from kolora.config import RunConfig
+from kolora.estimate import (ActivationProfile, Setting, _saved_bytes, advise, parse_device, probe_activations,
+                             model_facts, weight_bytes)
+
+GiB = 2**30
+
+
+def tiny_cfg(path, **train) -> RunConfig:
+    cfg = RunConfig()
+    cfg.model.name = str(path)
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def estimate_json(*args):
+    r = run_cli("estimate", *args, "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout)
+
+
+def test_estimate_prints_parts_that_add_up_to_the_peak(tiny_models, small_csv):
+    est = estimate_json("--model", str(tiny_models["llama"]), "--data", str(small_csv), "--data.max_length", "512")
+    parts, phases = est["parts_gib"], est["phases_gib"]
+    steady = parts["runtime"] + parts["weights"]
+    assert phases["train"] == pytest.approx(steady + parts["lora_state"] + parts["activations"] + parts["logits"])
+    assert phases["eval"] == pytest.approx(steady + parts["lora_state"] + parts["eval_batch"])
+    assert phases["load"] == pytest.approx(steady + parts["loading"])
+    assert est["peak_gib"] == pytest.approx(max(phases.values()))
+    assert est["fits"] and est["verdict"].startswith("fits")
+    assert est["step_seconds"] > 0 and est["steps"] > 0
+    assert 0 < parts["runtime"] < 4, "runtime = this process's libraries + tokenizer"
+
+
+def test_estimate_text_names_every_part_and_the_verdict(tiny_models, small_csv):
+    r = run_cli("estimate", "--model", str(tiny_models["gemma3"]), "--data", str(small_csv), "--data.max_length", "512")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for word in ("peak memory", "base weights", "LoRA + AdamW", "activations", "logits", "evaluation batch",
+                 "per optimizer step", "verdict"):
+        assert word in r.stdout, word
+
+
+def test_activation_probe_extrapolates_to_a_deeper_model(tiny_models):
+    """The profile comes from 1- and 2-layer copies; it must predict what a 4-layer model keeps."""
+    import torch
+
+    cfg = tiny_cfg(tiny_models["llama"])
+    facts = model_facts(cfg)
+    profile = probe_activations(facts, cfg, "bf16")
+    facts.config.num_hidden_layers = 4
+    for rows, seq in ((2, 96), (3, 160)):
+        predicted = profile.saved(rows * seq, seq, 4, checkpointing=False)
+        measured = _saved_bytes(facts.config, cfg, torch.bfloat16, torch.bfloat16, 4, rows, seq, False)
+        # the small-vocab output layer of the copies is in `measured`, not in the layer terms
+        assert predicted == pytest.approx(measured, rel=0.10), (rows, seq)
+
+
+def test_checkpointing_keeps_far_less_than_full_activations(tiny_models):
+    cfg = tiny_cfg(tiny_models["llama"])
+    profile = probe_activations(model_facts(cfg), cfg, "bf16")
+    assert 0 < profile.ckpt_per_layer < profile.per_layer / 4
+    assert profile.saved(1024, 256, 24, True) < profile.saved(1024, 256, 24, False) / 3
+
+
+def test_weight_bytes_follow_dtype_and_quantization(tiny_models):
+    facts = model_facts(tiny_cfg(tiny_models["llama"]))
+    fp32, bf16 = weight_bytes(facts, "float32", "none"), weight_bytes(facts, "bfloat16", "none")
+    assert fp32 == 2 * bf16 == 4 * facts.n_params
+    # NF4 on the decoder's linear weights; peft's kbit preparation makes everything else float32
+    nf4 = weight_bytes(facts, "bfloat16", "4bit")
+    assert nf4 == pytest.approx(facts.n_layer_linear * 0.516 + (facts.n_params - facts.n_layer_linear) * 4, rel=1e-3)
+
+
+BASE = Setting(batch_size=8, max_length=512, checkpointing=True, quantization="none")
+
+
+@pytest.mark.parametrize("fits, verdict", [
+    (lambda s: True, "fits"),
+    (lambda s: s.batch_size <= 2, "lower train.batch_size to 2 (and raise train.grad_accum to 8"),
+    (lambda s: s.quantization == "4bit", "use QLoRA (model.quantization: 4bit)"),
+    (lambda s: s.max_length <= 256, "lower data.max_length to 256"),
+    (lambda s: False, "does not fit even with"),
+])
+def test_verdict_names_the_least_costly_change_that_fits(fits, verdict):
+    text, _ = advise(fits, BASE, grad_accum=2, allow_qlora=True)
+    assert verdict in text
+
+
+def test_verdict_lists_the_other_changes_that_also_fit():
+    text, others = advise(lambda s: s.batch_size <= 4 or s.quantization == "4bit", BASE, 2, True)
+    assert "train.batch_size to 4" in text and others == ["use QLoRA (model.quantization: 4bit)"]
+
+
+def test_a_small_gpu_gets_a_verdict_with_a_fix(tiny_models, small_csv):
+    big = estimate_json("--model", str(tiny_models["gemma3"]), "--data", str(small_csv), "--data.max_length", "512",
+                        "--device", "cuda:8GB")
+    assert big["fits"] and big["parts_gib"]["runtime"] == pytest.approx(0.5)  # the CUDA context
+    assert big["parts_gib"]["loading"] == 0  # weights load straight onto the GPU
+    need = big["peak_gib"] - 0.5
+    tight = estimate_json("--model", str(tiny_models["gemma3"]), "--data", str(small_csv), "--data.max_length", "512",
+                          "--device", f"cuda:{0.5 + need * 0.7:.4f}GB")
+    assert not tight["fits"] and tight["verdict"].startswith("does not fit — ")
+
+
+def test_device_strings():
+    assert parse_device("cuda:8GB", "bf16", None).budget == 8 * GiB
+    assert parse_device("CUDA:12gb", "bf16", 100.0).peak_gflops == 100_000
+    with pytest.raises(Exception, match="cuda:<N>GB"):
+        parse_device("gpu", "bf16", None)
+
+
+def test_bad_device_and_uncached_hub_model_are_one_line_errors(tiny_models, small_csv):
+    r = run_cli("estimate", "--model", str(tiny_models["llama"]), "--data", str(small_csv), "--device", "tpu")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--device" in r.stderr
+    r = run_cli("estimate", "--model", "nobody-here/no-such-model-xyz", "--data", str(small_csv))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len([line for line in r.stderr.splitlines() if line.startswith("kolora:")]) == 1
+
+
+def test_dry_run_prints_the_same_estimate(tiny_models, small_csv, tmp_path):
+    r = run_cli("train", "--model", str(tiny_models["llama"]), "--data", str(small_csv), "--out", str(tmp_path / "r"),
+                "--data.max_length", "512", "--dry-run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "estimate: peak memory" in r.stdout and "estimate: verdict" in r.stdout
+    assert "dry run: nothing was trained" in r.stdout
+    assert not (tmp_path / "r" / "adapter").exists()
+
+
+def test_profile_arithmetic():
+    p = ActivationProfile(per_layer=1000.0, per_layer_seq=2.0, outside=-100.0, ckpt_per_layer=50.0)
+    assert p.layer(100) == 1200
+    assert p.saved(10, 100, 3, False) == 10 * (3 * 1200 - 100)
+    assert p.saved(10, 100, 3, True) == 10 * (3 * 50 + 1200)
