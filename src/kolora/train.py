@@ -473,6 +473,10 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
             # A whole window is fetched first: its answer-token count weights every micro-batch.
             window = [next(batches) for _ in range(cfg.train.grad_accum)]
             window_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in window)
+            # DDP averages gradients over processes; dividing by the global token count × P
+            # makes that average the token-weighted mean over the whole global window, so N
+            # processes compute the same update as one process with the same global batch.
+            norm_tokens = _global_tokens(window_tokens, accelerator) / accelerator.num_processes
             step_loss, start = state["window_loss"], state["window_pos"]
             state["window_loss"], state["window_pos"] = 0.0, 0
             for i in range(start, len(window)):
@@ -481,7 +485,7 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
                 ctx = accelerator.no_sync(loss_model) if not sync else contextlib.nullcontext()
                 with ctx, accelerator.autocast():
                     loss_sum, _ = loss_model(**batch)
-                    loss = loss_sum / max(window_tokens, 1)  # token-weighted mean over the whole window
+                    loss = loss_sum / max(norm_tokens, 1)  # token-weighted mean over the whole window
                     if faults.hit("nan-at-step", state["step"] + 1):
                         loss = loss * float("nan")
                     if faults.hit("oom-at-step", state["step"] + 1):
@@ -497,6 +501,8 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
                     save(state["step"], {n: p.grad for n, p in named_params if p.grad is not None})
                     raise _stopped(stop, run, state, inside=True)
             state["answer_tokens"] += window_tokens
+            if accelerator.num_processes > 1:  # the logged loss is the global window's mean
+                step_loss = float(accelerator.reduce(torch.tensor([step_loss], device=accelerator.device), "mean"))
             state["micro_step"] += len(window)
             grad_norm = None
             if cfg.train.max_grad_norm > 0:
@@ -603,6 +609,14 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
     return run.path
 
 
+def _global_tokens(tokens: int, accelerator) -> float:
+    if accelerator.num_processes == 1:
+        return float(tokens)
+    import torch
+
+    return float(accelerator.reduce(torch.tensor([float(tokens)], device=accelerator.device), "sum"))
+
+
 def _stop_agreed(stop, accelerator) -> bool:
     """Every process must stop at the same step, or the others would wait in an all-reduce forever."""
     if accelerator.num_processes == 1:
@@ -624,8 +638,14 @@ def _stream(loader, sampler, per_epoch: int, start_micro: int, accelerator):
     """Endless micro-batches across epochs, starting after `start_micro` consumed ones."""
     epoch, skip = divmod(start_micro, per_epoch)
     while True:
+        # Accelerate's prepared loader calls set_epoch(<its own iteration count>) on our sampler
+        # when iterated; tell it the real epoch, or a resumed run would replay epoch 0's order.
+        # Skipped batches are drawn and dropped (collation is cheap) rather than using
+        # skip_first_batches, whose new loader restarts that count at 0 too.
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
         sampler.set_epoch(epoch)
-        it = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for batch in it:
-            yield batch
+        for i, batch in enumerate(loader):
+            if i >= skip:
+                yield batch
         epoch, skip = epoch + 1, 0
