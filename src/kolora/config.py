@@ -71,6 +71,7 @@ class TrainConfig:
     max_nonfinite_steps: int = opt(2, "optimizer steps with a NaN/inf loss or gradient that are skipped (no update) before the run stops; 0 = stop at the first")
     early_stopping_patience: int = opt(0, "stop after N evaluations without a better validation loss; 0 = off")
     log_every: int = opt(5, "write a metrics.jsonl line every N optimizer steps")
+    health_check: int = opt(4, "after training, answer N validation questions and warn if answers do not stop (no EOS) or loop; 0 = off")
     seed: int = opt(42, "seed of LoRA init, dropout and data order")
     threads: int = opt(0, "CPU threads for torch; 0 = all physical cores")
     tensorboard: bool = opt(True, "write TensorBoard logs to <run>/tensorboard")

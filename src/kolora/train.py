@@ -604,6 +604,16 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
 
         for line in ascii_chart(loss_series(read_metrics(run.metrics))):
             say(line)
+        if cfg.train.health_check and splits["validation"]:
+            say(f"health check: answering {min(cfg.train.health_check, len(splits['validation']))} validation questions …")
+            from .evaluate import health_check
+
+            warnings = health_check(unwrapped.model, tokenizer, cfg, splits["validation"][:cfg.train.health_check])
+            run.update_info(health_warnings=warnings)
+            for w in warnings:
+                say(f"warning: {w}")
+            if not warnings:
+                say("health check: every answer ended with EOS, no loops")
         say(f"adapter: {run.adapter}")
     accelerator.wait_for_everyone()
     return run.path
