@@ -237,9 +237,13 @@ def gguf_matches_adapter(run: Path, gguf: Path, cfg_tolerance: float) -> float:
 def test_export_end_to_end(runs, tmp_path, arch, quant):
     run = runs(arch)
     out = tmp_path / "gguf"
-    r = run_cli("export", str(run), "--format", "gguf", "--quant", quant, "--out", str(out))
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")  # --force replaces an export, nothing else
+    (out / f"old-{quant}.gguf").write_text("stale")
+    r = run_cli("export", str(run), "--format", "gguf", "--quant", quant, "--out", str(out), "--force")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "round trip OK" in r.stdout
+    assert (out / "notes.txt").read_text() == "mine" and not (out / f"old-{quant}.gguf").exists()
     result = json.loads((out / "kolora-export.json").read_text())
     gguf = out / result["gguf"]
     assert gguf.is_file() and gguf.name.endswith(f"-{quant}.gguf") and not (out / "merged").exists()

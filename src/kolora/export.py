@@ -381,8 +381,7 @@ def export(run_path: str, out: str, quant: str = "q8_0", force: bool = False, ke
     out_dir = Path(out).expanduser()
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise KoloraError(f"{out} exists and is not empty", "choose another --out or pass --force")
-    if out_dir.exists() and force:
-        shutil.rmtree(out_dir)
+    remove_previous_export(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = run.config()
     t0 = time.time()
@@ -446,6 +445,19 @@ def export(run_path: str, out: str, quant: str = "q8_0", force: bool = False, ke
                           f"(details in {out_dir / 'kolora-export.json'})",
                           "try --quant f16; if it persists, report it with convert.log")
     return result
+
+
+def remove_previous_export(out_dir: Path) -> None:
+    """--force replaces what an export writes, never anything else a user keeps in that folder."""
+    if not out_dir.is_dir():
+        return
+    shutil.rmtree(out_dir / "merged", ignore_errors=True)
+    for name in ("Modelfile", "kolora-export.json", "convert.log"):
+        (out_dir / name).unlink(missing_ok=True)
+    for gguf in out_dir.glob("*-f16.gguf"):
+        gguf.unlink()
+    for gguf in out_dir.glob("*-q8_0.gguf"):
+        gguf.unlink()
 
 
 def report(result: dict, out_dir: Path) -> None:
