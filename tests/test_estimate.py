@@ -8,8 +8,8 @@ import pytest
 from conftest import run_cli
 
 from kolora.config import RunConfig
-from kolora.estimate import (ActivationProfile, Setting, _saved_bytes, advise, parse_device, probe_activations,
-                             model_facts, weight_bytes)
+from kolora.estimate import (HEAP_RETENTION, ActivationProfile, Setting, _saved_bytes, advise, model_facts,
+                             parse_device, probe_activations, weight_bytes)
 
 GiB = 2**30
 
@@ -32,8 +32,10 @@ def test_estimate_prints_parts_that_add_up_to_the_peak(tiny_models, small_csv):
     est = estimate_json("--model", str(tiny_models["llama"]), "--data", str(small_csv), "--data.max_length", "512")
     parts, phases = est["parts_gib"], est["phases_gib"]
     steady = parts["runtime"] + parts["weights"]
-    assert phases["train"] == pytest.approx(steady + parts["lora_state"] + parts["activations"] + parts["logits"])
-    assert phases["eval"] == pytest.approx(steady + parts["lora_state"] + parts["eval_batch"])
+    assert phases["train"] == pytest.approx(steady + parts["lora_state"] + parts["activations"] + parts["logits"]
+                                            + parts["heap_train"])
+    assert phases["eval"] == pytest.approx(steady + parts["lora_state"] + parts["eval_batch"] + parts["heap_eval"])
+    assert parts["heap_train"] == pytest.approx(parts["activations"] * (HEAP_RETENTION - 1))
     assert phases["load"] == pytest.approx(steady + parts["loading"])
     assert est["peak_gib"] == pytest.approx(max(phases.values()))
     assert est["fits"] and est["verdict"].startswith("fits")
@@ -100,11 +102,13 @@ def test_verdict_lists_the_other_changes_that_also_fit():
     assert "train.batch_size to 4" in text and others == ["use QLoRA (model.quantization: 4bit)"]
 
 
+@pytest.mark.slow  # two estimates in subprocesses
 def test_a_small_gpu_gets_a_verdict_with_a_fix(tiny_models, small_csv):
     big = estimate_json("--model", str(tiny_models["gemma3"]), "--data", str(small_csv), "--data.max_length", "512",
                         "--device", "cuda:8GB")
     assert big["fits"] and big["parts_gib"]["runtime"] == pytest.approx(0.5)  # the CUDA context
     assert big["parts_gib"]["loading"] == 0  # weights load straight onto the GPU
+    assert big["parts_gib"]["heap_train"] == 0  # glibc's heap is a CPU matter
     need = big["peak_gib"] - 0.5
     tight = estimate_json("--model", str(tiny_models["gemma3"]), "--data", str(small_csv), "--data.max_length", "512",
                           "--device", f"cuda:{0.5 + need * 0.7:.4f}GB")
@@ -136,7 +140,7 @@ def test_dry_run_prints_the_same_estimate(tiny_models, small_csv, tmp_path):
 
 
 def test_profile_arithmetic():
-    p = ActivationProfile(per_layer=1000.0, per_layer_seq=2.0, outside=-100.0, ckpt_per_layer=50.0)
+    p = ActivationProfile(per_layer=1000.0, per_layer_seq=2.0, outside=-100.0, ckpt_per_layer=50.0, fixed=7.0)
     assert p.layer(100) == 1200
-    assert p.saved(10, 100, 3, False) == 10 * (3 * 1200 - 100)
-    assert p.saved(10, 100, 3, True) == 10 * (3 * 50 + 1200)
+    assert p.saved(10, 100, 3, False) == 3 * (10 * 1200 + 7) - 10 * 100
+    assert p.saved(10, 100, 3, True) == 10 * 3 * 50 + (10 * 1200 + 7) - 10 * 100  # + one layer recomputed

@@ -4,6 +4,9 @@ One model of memory serves `kolora estimate` and `kolora train --dry-run`:
 
     peak = runtime + weights + LoRA state + max(loading, training micro-batch, evaluation batch)
 
+On a CPU the micro-batch and evaluation terms include the allocator's slack (see
+HEAP_RETENTION): resident memory, which is what runs out, not just live tensors.
+
 - runtime: on a CPU the libraries and the tokenizer, measured in this process (the training
   process holds the same); on a GPU the CUDA context.
 - weights: base parameters in their dtype; with QLoRA the decoder's linear weights take
@@ -31,10 +34,9 @@ assumptions, and the output says so.
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from .errors import KoloraError
 
@@ -51,6 +53,12 @@ GPU_PEAK_TFLOPS = 30.0
 CUDA_CONTEXT_BYTES = 0.5 * GiB
 # When /proc is missing: python + torch + transformers + peft + accelerate measured here.
 LIBRARIES_BYTES = 0.4 * GiB
+# glibc keeps freed activation blocks: after the first large free its mmap threshold rises to
+# 32 MB, so activations (mostly smaller) come from the heap, and the next micro-batch's
+# differently shaped tensors do not fit the holes. Measured on gemma3-270m and smollm2-135m
+# (bench/estimate_validation.py, plus an in-process run with the profiler): resident memory
+# ≈ 2 × the live activation bytes, while the big logits tensors (mmapped) come back exactly.
+HEAP_RETENTION = 2.0
 LOGIT_BYTES_TRAIN = 12  # per answer row per vocabulary entry, see the module docstring
 LOGIT_BYTES_EVAL = 8
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weight + 8-bit scale per 64 + fp32 per 256 scales
@@ -110,7 +118,6 @@ class ModelFacts:
     targets: list
     lora_params: int
     checkpoint_bytes: int
-    dtype_bytes: dict = field(default_factory=dict)
 
 
 def layer_count(config) -> int:
@@ -141,12 +148,12 @@ def model_facts(cfg, src=None) -> ModelFacts:
     layer_linear = sum(m.weight.numel() for m in model.modules()
                        if m is not head and type(m).__name__ in ("Linear", "Conv1D"))
     emb = model.get_input_embeddings().weight
+    n_params = sum(p.numel() for p in model.parameters())
     return ModelFacts(
-        name=cfg.model.name, kind=src.kind, path=src.path, model=model, config=config,
-        n_params=sum(p.numel() for p in model.parameters()), n_layer_linear=layer_linear,
-        vocab=emb.shape[0], hidden=emb.shape[1], layers=layer_count(config), targets=targets,
-        lora_params=lora_param_count(model, targets, cfg.lora.r),
-        checkpoint_bytes=checkpoint_bytes(src, config, sum(p.numel() for p in model.parameters())))
+        name=cfg.model.name, kind=src.kind, path=src.path, model=model, config=config, n_params=n_params,
+        n_layer_linear=layer_linear, vocab=emb.shape[0], hidden=emb.shape[1], layers=layer_count(config),
+        targets=targets, lora_params=lora_param_count(model, targets, cfg.lora.r),
+        checkpoint_bytes=checkpoint_bytes(src, config, n_params))
 
 
 def checkpoint_bytes(src, config, n_params: int) -> int:
@@ -174,21 +181,28 @@ def weight_bytes(facts: ModelFacts, base_dtype: str, quantization: str) -> float
 # --------------------------------------------------------------------------- activations, measured
 @dataclass
 class ActivationProfile:
-    """Bytes autograd keeps per token: per layer (a + b·seq), outside the layers c; with
-    gradient checkpointing only `ckpt` per token per layer, plus one layer recomputed."""
+    """Bytes autograd keeps: per layer `fixed` + per token (per_layer + per_layer_seq·seq);
+    outside the layers `outside` per token; with gradient checkpointing only `ckpt_per_layer`
+    per token per layer, plus one layer recomputed during backward."""
 
     per_layer: float
     per_layer_seq: float
     outside: float
     ckpt_per_layer: float
+    fixed: float = 0.0  # per layer and forward: LoRA weights cast to the compute dtype
 
     def layer(self, width: int) -> float:
         return self.per_layer + self.per_layer_seq * width
 
+    def one_layer(self, tokens: int, width: int) -> float:
+        return tokens * self.layer(width) + self.fixed
+
     def saved(self, tokens: int, width: int, layers: int, checkpointing: bool) -> float:
         if checkpointing:
-            return tokens * (layers * self.ckpt_per_layer + self.layer(width) + max(self.outside, 0.0))
-        return tokens * max(layers * self.layer(width) + self.outside, 0.0)
+            kept = tokens * layers * self.ckpt_per_layer + self.one_layer(tokens, width)
+        else:
+            kept = layers * self.one_layer(tokens, width)
+        return max(kept + tokens * self.outside, 0.0)
 
 
 def _with_layers(config, n: int):
@@ -228,6 +242,9 @@ def _saved_bytes(config, cfg, dtype, autocast_dtype, layers: int, rows: int, seq
     ids = torch.randint(4, 500, (rows, seq))
     labels = ids.clone()
     labels[:, : seq // 2] = IGNORE
+    mask = torch.ones_like(ids)
+    mask[1:, seq - seq // 4:] = 0  # padded rows, as in training: attention then needs (and keeps) a mask
+    labels[mask == 0] = IGNORE
     kept: dict[int, int] = {}
 
     def pack(t):
@@ -238,32 +255,42 @@ def _saved_bytes(config, cfg, dtype, autocast_dtype, layers: int, rows: int, seq
 
     amp = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
-        loss_model(ids, torch.ones_like(ids), labels)
+        loss_model(ids, mask, labels)
     return sum(kept.values())
 
 
 def probe_activations(facts: ModelFacts, cfg, precision: str) -> ActivationProfile:
-    """Run a 1- and a 2-layer copy of the model on two lengths and count what autograd keeps.
+    """Run a 1- and a 2-layer copy of the model on three lengths and count what autograd keeps.
 
-    The difference between 2 and 1 layers is one layer (the first layer keeps less: its
-    input needs no gradient, which the `outside` term absorbs); two lengths separate a
-    quadratic attention term from the linear ones. Takes well under a second."""
+    2 layers minus 1 layer is one layer (the first layer keeps less, as its input needs no
+    gradient; the `outside` term absorbs that). Three lengths separate a per-forward constant
+    (LoRA weights cast to bf16), the per-token bytes and a quadratic attention term (eager
+    attention; zero with SDPA's flash kernel). A few seconds, single-threaded."""
     import torch
 
     autocast = {"bf16": torch.bfloat16, "fp16": torch.bfloat16}.get(precision)  # fp16 probes as bf16 (same sizes)
     dtype = torch.bfloat16 if autocast else torch.float32
-    rows, short, long = 2, 64, 128
+    rows, lengths = 2, (32, 64, 128)  # the second row is padded
 
-    def per_token(layers, seq, ckpt=False):
-        return _saved_bytes(facts.config, cfg, dtype, autocast, layers, rows, seq, ckpt) / (rows * seq)
+    def kept(layers, seq, ckpt=False):
+        return _saved_bytes(facts.config, cfg, dtype, autocast, layers, rows, seq, ckpt)
 
-    one_s, two_s = per_token(1, short), per_token(2, short)
-    one_l, two_l = per_token(1, long), per_token(2, long)
-    layer_s, layer_l = two_s - one_s, two_l - one_l
-    per_layer_seq = max((layer_l - layer_s) / (long - short), 0.0)
-    per_layer = layer_l - per_layer_seq * long
-    ckpt = per_token(2, short, True) - per_token(1, short, True)
-    return ActivationProfile(per_layer, per_layer_seq, one_l - layer_l, max(ckpt, 0.0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes: threads only add synchronisation, worst on a busy machine
+    try:
+        one = [kept(1, t) for t in lengths]
+        layer = [kept(2, t) - o for t, o in zip(lengths, one)]
+        t_ck = lengths[1]
+        ckpt = (kept(2, t_ck, True) - kept(1, t_ck, True)) / (rows * t_ck)
+    finally:
+        torch.set_num_threads(threads)
+    # one layer keeps fixed + rows·(slope·s + quad·s²) bytes at length s: fit through the three
+    (t1, t2, t3), (l1, l2, l3) = lengths, layer
+    quad = max(((l3 - l2) / (t3 - t2) - (l2 - l1) / (t2 - t1)) / (t3 - t1), 0.0)
+    slope = (l3 - l1) / (t3 - t1) - quad * (t1 + t3)
+    fixed = max(l1 - slope * t1 - quad * t1 * t1, 0.0)
+    outside = (one[2] - layer[2]) / (rows * t3)
+    return ActivationProfile(slope / rows, quad / rows, outside, max(ckpt, 0.0), fixed)
 
 
 # --------------------------------------------------------------------------- data shapes
@@ -430,13 +457,15 @@ class Memory:
     loading: float
     worst_batch: tuple
     worst_eval: tuple
+    heap_train: float = 0.0  # freed activation blocks the C allocator keeps (CPU)
+    heap_eval: float = 0.0
 
     @property
     def phases(self) -> dict:
         steady = self.runtime + self.weights
         return {"load": self.runtime + self.loading + self.weights,
-                "train": steady + self.lora_state + self.activations + self.logits,
-                "eval": steady + self.lora_state + self.eval_batch}
+                "train": steady + self.lora_state + self.activations + self.logits + self.heap_train,
+                "eval": steady + self.lora_state + self.eval_batch + self.heap_eval}
 
     @property
     def peak(self) -> float:
@@ -489,7 +518,8 @@ class Estimate:
                 "peak_gib": m.peak / GiB, "peak_phase": m.peak_phase, "fits": self.fits, "verdict": self.verdict,
                 "alternatives": self.alternatives,
                 "parts_gib": {k: getattr(m, k) / GiB for k in ("runtime", "weights", "lora_state", "activations",
-                                                               "logits", "eval_batch", "loading")},
+                                                               "logits", "eval_batch", "loading", "heap_train",
+                                                               "heap_eval")},
                 "phases_gib": {k: v / GiB for k, v in m.phases.items()},
                 "activation_bytes_per_token_per_layer": self.profile.layer(m.worst_batch[1]),
                 "step_seconds": self.step_seconds, "steps": self.steps,
@@ -515,13 +545,18 @@ class Estimate:
             f"  base weights           {m.weights / GiB:6.2f} GiB  {f.n_params / 1e6:.0f} M parameters, {per_w}",
             f"  LoRA + AdamW state     {m.lora_state / GiB:6.2f} GiB  {f.lora_params / 1e6:.2f} M × 16 bytes "
             "(fp32 weight, gradient, 2 moments)",
-            f"  activations            {m.activations / GiB:6.2f} GiB  {self.profile.layer(width) / 1024:.1f} KiB per token "
-            f"per layer (measured on a 1-2 layer copy){' with checkpointing' if s.checkpointing else ''} "
-            f"× {f.layers} layers × {rows * width:,} tokens",
+            f"  activations            {m.activations / GiB:6.2f} GiB  " + (
+                f"{self.profile.ckpt_per_layer / 1024:.1f} KiB per token per layer kept by gradient checkpointing, "
+                f"+ one layer recomputed ({self.profile.layer(width) / 1024:.1f} KiB per token)" if s.checkpointing else
+                f"{self.profile.layer(width) / 1024:.1f} KiB per token per layer") +
+            f" × {f.layers} layers × {rows * width:,} tokens (measured on a 1-2 layer copy)",
             f"  logits (answers only)  {m.logits / GiB:6.2f} GiB  {answers} rows × {f.vocab:,} × {LOGIT_BYTES_TRAIN} bytes",
             f"  evaluation batch       {m.eval_batch / GiB:6.2f} GiB  {m.worst_eval[2]} answer rows × {f.vocab:,} × "
             f"{LOGIT_BYTES_EVAL} bytes (batch {m.worst_eval[0]}, after the step's memory is freed)",
         ]
+        if m.heap_train:
+            out.append(f"  allocator slack        {m.heap_train / GiB:6.2f} GiB  freed activation blocks glibc keeps "
+                       f"(measured ≈ {HEAP_RETENTION - 1:g} × activations on this CPU)")
         if m.loading:
             out.append(f"  loading                {m.loading / GiB:6.2f} GiB  checkpoint pages while the weights are cast "
                        "(only during loading)")
@@ -558,14 +593,19 @@ def memory_for(facts: ModelFacts, profile: ActivationProfile, data: DataProfile,
     act, logits = step_bytes(worst)
     evals = data.eval_batches(setting.batch_size, setting.max_length) or [(0, 0, 0)]
 
-    def eval_bytes(shape):  # no graph: one layer's working set and the logits
-        rows, width, answers = shape
-        return rows * width * profile.layer(width) + answers * facts.vocab * LOGIT_BYTES_EVAL
+    def working_set(shape):  # no graph in evaluation: one layer's tensors at a time
+        rows, width, _ = shape
+        return profile.one_layer(rows * width, width)
+
+    def eval_bytes(shape):
+        return working_set(shape) + shape[2] * facts.vocab * LOGIT_BYTES_EVAL
 
     worst_eval = max(evals, key=eval_bytes)
-    loading = facts.checkpoint_bytes if device.kind == "cpu" else 0.0
-    return Memory(runtime, weights, facts.lora_params * 16.0, act, logits, eval_bytes(worst_eval), loading,
-                  worst, worst_eval)
+    on_cpu = device.kind == "cpu"
+    slack = HEAP_RETENTION - 1 if on_cpu else 0.0
+    return Memory(runtime, weights, facts.lora_params * 16.0, act, logits, eval_bytes(worst_eval),
+                  facts.checkpoint_bytes if on_cpu else 0.0, worst, worst_eval,
+                  heap_train=slack * act, heap_eval=slack * working_set(worst_eval))
 
 
 def advise(fits_with, setting: Setting, grad_accum: int, allow_qlora: bool) -> tuple[str, list[str]]:
