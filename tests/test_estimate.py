@@ -144,3 +144,21 @@ def test_profile_arithmetic():
     assert p.layer(100) == 1200
     assert p.saved(10, 100, 3, False) == 3 * (10 * 1200 + 7) - 10 * 100
     assert p.saved(10, 100, 3, True) == 10 * 3 * 50 + (10 * 1200 + 7) - 10 * 100  # + one layer recomputed
+
+
+def test_a_hub_model_is_estimated_from_the_cached_config_without_weights(tiny_models, small_csv, tmp_path):
+    """Only config.json and the tokenizer in the Hugging Face cache, offline: enough to estimate."""
+    import shutil
+
+    snapshot = tmp_path / "hub" / "models--kolora-test--no-weights" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for f in tiny_models["llama"].iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, snapshot / f.name)
+    (tmp_path / "hub" / "models--kolora-test--no-weights" / "refs").mkdir()
+    (tmp_path / "hub" / "models--kolora-test--no-weights" / "refs" / "main").write_text("0123abcd")
+    r = run_cli("estimate", "--model", "kolora-test/no-weights", "--data", str(small_csv), "--data.max_length", "512",
+                "--json", env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    est = json.loads(r.stdout)
+    assert est["parts_gib"]["weights"] > 0 and est["fits"]
