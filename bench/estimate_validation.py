@@ -38,7 +38,6 @@ CASES = [
     ("smollm2-135m/bs2-ckpt", "configs/smollm2-135m.yaml", ["--train.batch_size", "2",
                                                             "--train.gradient_checkpointing", "true"]),
     ("gemma3-270m/bs2-fp32", "configs/gemma3-270m.yaml", ["--train.batch_size", "2", "--train.mixed_precision", "no"]),
-    ("smollm2-135m/bs8-len512", "configs/smollm2-135m.yaml", ["--train.batch_size", "8", "--data.max_length", "512"]),
 ]
 # stdout line prefix → the phase that starts after it
 PHASE_MARKS = [("model ", "eval0"), ("step 0 validation", "train"), ("evaluating the test split", "test"),

@@ -34,6 +34,7 @@ assumptions, and the output says so.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, replace
@@ -43,8 +44,10 @@ from .errors import KoloraError
 HELP = "predict peak memory and time per step of a training config, with a verdict (fits / what to change)"
 
 GiB = 2**30
-# MFU the training loop logs on this class of CPU (2 cores, AVX-512 + AMX, bf16 autocast):
-# median of the gemma3-270m and smollm2-135m presets in bench/estimate_validation.py.
+# MFU the training loop logged for the demo (gemma3-270m preset, bf16 autocast) on an idle
+# 2-core AVX-512 + AMX CPU: 12% of the matmul peak it measured. bench/estimate_validation.py
+# prints the MFU of each case to recalibrate it; with other jobs on the cores it falls far
+# lower (training suffers more from contention than a 0.3 s matmul does).
 MFU_CPU = 0.12
 # A GPU that is not here: typical LoRA training efficiency on consumer cards, and a peak
 # between an RTX 3060 and a 4070 (dense bf16 tensor cores). Assumptions, printed as such.
@@ -393,15 +396,25 @@ def current_rss() -> float | None:
     return None
 
 
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return 0.0
+
+
 def parse_device(text: str, precision: str, peak_tflops: float | None) -> Device:
     text = text.strip().lower()
     if text == "cpu":
         info = meminfo()
         total, avail = info.get("MemTotal", 0), info.get("MemAvailable", 0)
         peak = matmul_peak_gflops(precision)
+        note = f"MFU {100 * MFU_CPU:.0f}% calibrated on real CPU runs on an idle machine"
+        load, cores = _load_average(), os.cpu_count() or 1
+        if load > cores:  # threads then wait on each other; measured 10-40x slower steps here
+            note += f"; NOW load {load:.1f} on {cores} cores: expect training to be several times slower"
         return Device("cpu", avail or total, f"cpu: {total / GiB:.1f} GiB RAM, {avail / GiB:.1f} GiB available",
-                      peak, MFU_CPU, f"MFU {100 * MFU_CPU:.0f}% calibrated on real CPU runs "
-                                     "(bench/estimate_validation.py)")
+                      peak, MFU_CPU, note)
     match = re.fullmatch(r"cuda(?::(\d+(?:\.\d+)?)\s*gi?b)?", text)
     if not match:
         raise KoloraError(f"--device '{text}' is not cpu, cuda or cuda:<N>GB", "for example --device cuda:8GB")
