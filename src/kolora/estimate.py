@@ -403,6 +403,13 @@ def _load_average() -> float:
         return 0.0
 
 
+def device_pattern(text: str):
+    match = re.fullmatch(r"cpu|cuda(?::(\d+(?:\.\d+)?)\s*gi?b)?", text.strip().lower())
+    if not match:
+        raise KoloraError(f"--device '{text}' is not cpu, cuda or cuda:<N>GB", "for example --device cuda:8GB")
+    return match
+
+
 def parse_device(text: str, precision: str, peak_tflops: float | None) -> Device:
     text = text.strip().lower()
     if text == "cpu":
@@ -415,9 +422,7 @@ def parse_device(text: str, precision: str, peak_tflops: float | None) -> Device
             note += f"; NOW load {load:.1f} on {cores} cores: expect training to be several times slower"
         return Device("cpu", avail or total, f"cpu: {total / GiB:.1f} GiB RAM, {avail / GiB:.1f} GiB available",
                       peak, MFU_CPU, note)
-    match = re.fullmatch(r"cuda(?::(\d+(?:\.\d+)?)\s*gi?b)?", text)
-    if not match:
-        raise KoloraError(f"--device '{text}' is not cpu, cuda or cuda:<N>GB", "for example --device cuda:8GB")
+    match = device_pattern(text)
     if match.group(1):
         budget = float(match.group(1)) * GiB
         label = f"cuda: {float(match.group(1)):g} GiB GPU"
@@ -659,6 +664,7 @@ def estimate(cfg, device: str = "cpu", peak_tflops: float | None = None, src=Non
     from .models import load_tokenizer, resolve
     from .train import base_dtype, resolve_precision
 
+    device_pattern(device)  # a typo fails before anything loads
     src = src or resolve(cfg.model.name)
     on_cuda = device.strip().lower().startswith("cuda")
     precision = precision or _precision(cfg, on_cuda, resolve_precision)
