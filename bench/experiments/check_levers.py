@@ -52,7 +52,7 @@ def main() -> int:
     ok = True
     for softcap in (None, 30.0):
         ref_loss, ref_grads = loss_and_grads("", softcap)
-        for lever in ("fused-head-ce", "row1"):
+        for lever in ("fused-head-ce", "fused-head-ce-64", "row1"):
             loss, grads = loss_and_grads(lever, softcap)
             worst = max(float((grads[k] - ref_grads[k]).abs().max() / (ref_grads[k].abs().max() + 1e-12)) for k in ref_grads)
             good = abs(loss - ref_loss) < 1e-4 * abs(ref_loss) and worst < 1e-3

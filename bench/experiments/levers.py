@@ -49,20 +49,19 @@ def _fused_head_ce(chunk_rows: int = 256):
                 for s in range(0, hw.shape[0], chunk_rows):
                     hc, wc = hw[s:s + chunk_rows], wanted[s:s + chunk_rows]
                     z = (hc @ w.t()).float()
+                    th = None
                     if softcap:
                         th = torch.tanh(z / softcap)
-                        logits = th * softcap
-                    else:
-                        logits = z
-                    lse = torch.logsumexp(logits, dim=-1)
+                        z = th * softcap
+                    lse = torch.logsumexp(z, dim=-1)
                     valid = wc != IGNORE
                     safe = torch.where(valid, wc, 0)
-                    picked = logits.gather(1, safe[:, None]).squeeze(1)
+                    picked = z.gather(1, safe[:, None]).squeeze(1)
                     loss += ((lse - picked) * valid).sum()
-                    g = torch.softmax(logits, dim=-1)  # d loss / d logits = softmax - onehot, on valid rows
+                    g = z.sub_(lse[:, None]).exp_()  # softmax, in place: d loss / d logits = softmax - onehot
                     g[torch.arange(g.shape[0]), safe] -= 1
                     g *= valid[:, None]
-                    if softcap:
+                    if th is not None:
                         g *= 1 - th * th
                     grad_h[s:s + chunk_rows] = (g.to(w.dtype) @ w)
                 ctx.save_for_backward(grad_h)
@@ -147,7 +146,7 @@ LEVERS = {
     "row1": _row_multiple(1),
     "row256": _row_multiple(256),
     "fused-head-ce": _fused_head_ce(256),
-    "fused-head-ce-128": _fused_head_ce(128),
+    "fused-head-ce-64": _fused_head_ce(64),
     "compile-backbone": _compile("backbone"),
     "compile-layers": _compile("layers"),
     "mkldnn-off": _mkldnn_off,

@@ -41,6 +41,7 @@ LEVERS: dict[str, tuple[str, str, list[str]]] = {
     "pad-64": ("", "pad64", []),
     "answer-rows-1": ("", "row1", []),
     "fused-head-ce": ("", "fused-head-ce", []),
+    "fused-head-ce-64": ("", "fused-head-ce-64", []),
     "compile-layers": ("", "compile-layers", []),
     "compile-backbone": ("", "compile-backbone", []),
     "lora-dropout-0": ("--lora.dropout 0", "", []),
