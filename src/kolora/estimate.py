@@ -514,6 +514,7 @@ class Estimate:
     dropped: int
     verdict: str
     alternatives: list
+    lora_r: int
 
     @property
     def peak_bytes(self) -> float:
@@ -588,7 +589,6 @@ class Estimate:
         out += [f"         also fits: {alt}" for alt in self.alternatives]
         return out
 
-    lora_r: int = 0
 
 
 PHASE_WORDS = {"load": "model loading", "train": "a training step", "eval": "evaluation"}
@@ -710,11 +710,9 @@ def estimate(cfg, device: str = "cpu", peak_tflops: float | None = None, src=Non
     held_out = sum(r[0] for r in data.kept(data.eval, setting.max_length))
     passes = 2 + (steps // cfg.train.eval_every if cfg.train.eval_every else 0) + 2
     eval_s = passes * held_out / 2 * flops_tok / 2 / rate
-    est = Estimate(facts, dev, setting, mem, profile, data, precision, dtype, steps, cfg.train.grad_accum,
-                   tokens_step * flops_tok / rate, eval_s, flops_tok, tokens_step, len(kept),
-                   len(data.train) - len(kept), verdict, alternatives)
-    est.lora_r = cfg.lora.r
-    return est
+    return Estimate(facts, dev, setting, mem, profile, data, precision, dtype, steps, cfg.train.grad_accum,
+                    tokens_step * flops_tok / rate, eval_s, flops_tok, tokens_step, len(kept),
+                    len(data.train) - len(kept), verdict, alternatives, cfg.lora.r)
 
 
 def steps_of(cfg, train_rows: int, processes: int = 1) -> int:
