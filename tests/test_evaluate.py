@@ -139,6 +139,9 @@ def test_health_warnings_name_the_likely_cause():
     long_refs = [{"eos": False, "loop": None, "answer_tokens": 100}]
     assert "raise it" in health_warnings(long_refs, gen)[0]  # the budget, not the model
     assert health_warnings([{"eos": True, "loop": None, "answer_tokens": 5}], gen) == []
+    # an untuned base model is expected to ramble: no training advice for it
+    base = health_warnings(rows, gen, who="base", untuned=True)
+    assert len(base) == 2 and all("never tuned" in w and "learning rate" not in w for w in base)
 
 
 def test_verdict_and_regression_order():

@@ -370,13 +370,18 @@ def verdict(base: dict, tuned: dict) -> list[dict]:
     return out
 
 
-def health_warnings(rows: list[dict], gen, cfg=None, who: str = "tuned") -> list[str]:
+UNTUNED = "usual for a base model that was never tuned to this prompt format; fine-tuning is what fixes it"
+
+
+def health_warnings(rows: list[dict], gen, cfg=None, who: str = "tuned", untuned: bool = False) -> list[str]:
     """Clear warnings for answers that do not stop or that loop, each with its likely cause.
     `rows` carry `eos`, `loop` and `answer_tokens` (the reference answer's length in tokens)."""
     warnings, n = [], len(rows)
     open_ended = [r for r in rows if not r["eos"]]
     if open_ended:
-        if all(r.get("answer_tokens", 0) >= gen.max_new_tokens for r in open_ended):
+        if untuned:
+            cause = UNTUNED
+        elif all(r.get("answer_tokens", 0) >= gen.max_new_tokens for r in open_ended):
             cause = f"their reference answers are longer than max_new_tokens={gen.max_new_tokens}: raise it"
         else:
             cause = ("the model has not learned to stop. The training targets must end with EOS in the template the "
@@ -386,7 +391,9 @@ def health_warnings(rows: list[dict], gen, cfg=None, who: str = "tuned") -> list
         warnings.append(f"{who}: {len(open_ended)}/{n} answers did not end with EOS within "
                         f"{gen.max_new_tokens} new tokens — likely cause: {cause}")
     loops = [r["loop"] for r in rows if r["loop"] is not None]
-    if loops:
+    if loops and untuned:
+        warnings.append(f"{who}: {len(loops)}/{n} answers loop (e.g. «{loops[0][:40]}» repeated) — {UNTUNED}")
+    elif loops:
         cause = ("a learning rate too high for this data" + (f" (train.lr {cfg.train.lr:g}: try half)" if cfg else "")
                  + " or too few steps to learn the answer style" + (f" (train.epochs {cfg.train.epochs:g})" if cfg else ""))
         if gen.repetition_penalty > 1.0:
@@ -404,6 +411,7 @@ class Side:
     label: str  # what it is, for people
     source: str
     open: Callable
+    untuned: bool = False  # a base model without any adapter: its loops are no training mistake
 
 
 @dataclass
@@ -414,8 +422,7 @@ class Plan:
     out_dir: Path
     sides: list[Side]
     loss_events: list[dict] = field(default_factory=list)
-    cfg: object = None
-    run_path: Path | None = None
+    cfg: object = None  # the evaluated run's config: its lr and epochs go into the warnings
 
 
 def _autocast(model):
@@ -452,8 +459,8 @@ def answer_losses(model, tokenizer, cfg, examples, progress=None) -> list[tuple[
 def generate_answers(model, tokenizer, cfg, examples, gen, batch_size: int, progress=None):
     """Greedy (or seeded sampling) batched generation; prompts sorted by length to pad less."""
     from .chat import generate_details
-    from .prompt import encode_prompt
     from .data import Example
+    from .prompt import encode_prompt
 
     prompts = [encode_prompt(tokenizer, Example(ex.question, "", history=ex.history, system=ex.system),
                              cfg.data.system_prompt, cfg.data.template) for ex in examples]
@@ -519,7 +526,7 @@ def run_sides(run) -> tuple[Side, Side]:
         loaded.clear()
 
     name = run.config().model.name
-    return (Side("base", f"{Path(name).name} (기본 모델)", name, open_base),
+    return (Side("base", f"{Path(name).name} (기본 모델)", name, open_base, untuned=True),
             Side("tuned", f"{run.path.name} (튜닝)", str(run.path), open_tuned))
 
 
@@ -578,7 +585,7 @@ def plain_base_side(path: Path) -> Side:
         del model  # the next side loads its own model: never two in memory
         gc.collect()
 
-    return Side("base", f"{Path(cfg.model.name).name} (기본 모델)", cfg.model.name, open_base)
+    return Side("base", f"{Path(cfg.model.name).name} (기본 모델)", cfg.model.name, open_base, untuned=True)
 
 
 def tuned_side(path: Path, name: str) -> Side:
@@ -647,7 +654,7 @@ def make_plan(args) -> Plan:
         default_out = target / "eval"
     examples, source = load_eval_examples(run, args.data, args.split, args.max_samples)
     return Plan(str(target), examples, source, Path(args.out) if args.out else default_out, [base, tuned],
-                read_metrics(run.metrics), run.config(), run.path)
+                read_metrics(run.metrics), run.config())
 
 
 # =========================================================================== the verb
@@ -700,7 +707,7 @@ def evaluate(plan: Plan, gen, batch_size: int) -> tuple[dict, list[dict]]:
         "delta": delta(base, tuned),
         "verdict": verdict(base, tuned),
         "warnings": (health_warnings(results["tuned"], gen, plan.cfg, "tuned")
-                     + health_warnings(results["base"], gen, None, "base")),
+                     + health_warnings(results["base"], gen, None, "base", untuned=plan.sides[0].untuned)),
         "timing": timing,
     }
     samples = []
@@ -755,6 +762,12 @@ def _fmt(name: str, value) -> str:
     return f"{value:.2f}" if name != "loops" else str(value)
 
 
+def ljust(text: str, width: int) -> str:
+    """Pad for a terminal, where Hangul takes two columns."""
+    shown = sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    return text + " " * max(0, width - shown)
+
+
 def summary_lines(metrics: dict) -> list[str]:
     base, tuned = metrics["base"], metrics["tuned"]
     lines = [f"{'':<20}{'base':>10}{'tuned':>10}{'change':>10}"]
@@ -772,7 +785,7 @@ def summary_lines(metrics: dict) -> list[str]:
         lines.append(f"{key[3:]:<20}{'n':>4}{'chrF b→t':>16}{'facts b→t':>16}{'ppl b→t':>16}")
         for g, t in groups.items():
             b = base[key][g]
-            lines.append(f"  {g:<18}{t['n']:>4}{_fmt('chrf', b['chrf']) + '→' + _fmt('chrf', t['chrf']):>16}"
+            lines.append(f"  {ljust(g, 18)}{t['n']:>4}{_fmt('chrf', b['chrf']) + '→' + _fmt('chrf', t['chrf']):>16}"
                          f"{_fmt('fact_recall', b['fact_recall']) + '→' + _fmt('fact_recall', t['fact_recall']):>16}"
                          f"{_fmt('perplexity', b['perplexity']) + '→' + _fmt('perplexity', t['perplexity']):>16}")
     return lines

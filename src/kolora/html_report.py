@@ -35,7 +35,7 @@ th{background:#f1f3f4}td.num{text-align:right;font-variant-numeric:tabular-nums;
 .better{color:#188038;font-weight:600}.worse{color:#d93025;font-weight:600}.same{color:#5f6368}
 .warn{background:#fef7e0;border-left:4px solid #f9ab00;padding:8px 12px;margin:6px 0}
 .ok{background:#e6f4ea;border-left:4px solid #188038;padding:8px 12px;margin:6px 0}
-.grid{display:flex;flex-wrap:wrap;gap:16px}.chart{flex:1 1 360px}
+.grid{display:flex;flex-wrap:wrap;gap:16px}.chart{flex:0 1 370px}
 .ans{max-height:14em;overflow:auto;white-space:pre-wrap}
 .badge{display:inline-block;font-size:.75em;padding:0 5px;border-radius:3px;margin:2px 2px 0 0;background:#e8eaed}
 .bad{background:#fce8e6;color:#a50e0e}.good{background:#e6f4ea;color:#137333}
@@ -54,6 +54,10 @@ def fmt(name: str, value) -> str:
     if isinstance(value, int):
         return str(value)
     return f"{value:.2f}"
+
+
+def signed(value, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:+.{digits}f}"
 
 
 def _finite(values) -> list[float]:
@@ -195,7 +199,7 @@ def samples_table(samples: list[dict]) -> str:
             f"<td>{escape(s['question'])}</td><td><div class=ans>{escape(s['reference'])}</div></td>"
             f"<td><div class=ans>{escape(s['base']['answer'])}</div>{_badges(s['base'])}</td>"
             f"<td><div class=ans>{escape(s['tuned']['answer'])}</div>{_badges(s['tuned'])}</td>"
-            f"<td class=num>{fmt('chrf', d.get('chrf'))}<br><small>facts {fmt('fact_recall', d.get('fact_recall'))}"
+            f"<td class=num>{signed(d.get('chrf'), 1)}<br><small>facts {signed(d.get('fact_recall'))}"
             f"</small></td></tr>")
     return ("<table class=samples><tr><th>#</th><th>question 질문</th><th>reference 참고 답변</th>"
             "<th>base 기본 모델</th><th>tuned 튜닝 모델</th><th>Δ chrF</th></tr>" + "".join(rows) + "</table>")
