@@ -65,6 +65,7 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping norm; 0 disables clipping")
     mixed_precision: str = opt("auto", "auto (bf16 where the CPU/GPU supports it), bf16, fp16 or no")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: less memory, ~30% slower")
+    compile: str = opt("auto", "torch.compile each decoder layer: auto (on a CPU with a C++ compiler, unquantized, no gradient checkpointing), true, false")
     eval_every: int = opt(50, "evaluate validation loss every N optimizer steps (and always at the end); 0 = only at the end")
     save_every: int = opt(100, "write a checkpoint every N optimizer steps; 0 = only at the end")
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep (the best one by validation loss is kept too)")

@@ -103,17 +103,67 @@ def collate(items: list[Tokenized], pad_id: int, multiple: int = PAD_MULTIPLE):
 
 
 # --------------------------------------------------------------------------- the loss
-ROW_MULTIPLE = 64  # answer rows padded (ignored in the loss) for the same reason as PAD_MULTIPLE
+HEAD_CHUNK_ROWS = 256  # answer rows per output-layer chunk (measured on gemma3-270m: +28% tokens/s, same loss)
+
+
+def _head_ce():
+    """Output layer + cross entropy over answer rows, in chunks, as one autograd function.
+
+    The head is frozen, so its only gradient is the one w.r.t. the hidden states: computing it
+    chunk by chunk in the forward pass means the (rows × vocabulary) logits never exist whole
+    and nothing vocabulary-sized is kept for backward. Same FLOPs as the plain head + CE."""
+    import torch
+
+    class HeadCE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, weight, bias, wanted, softcap):
+            h = h.detach().to(weight.dtype)
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+            for s in range(0, h.shape[0], HEAD_CHUNK_ROWS):
+                z = h[s:s + HEAD_CHUNK_ROWS] @ weight.t()
+                if bias is not None:
+                    z = z + bias
+                z = z.float()
+                capped = None
+                if softcap:
+                    capped = torch.tanh(z / softcap)
+                    z = capped * softcap
+                w = wanted[s:s + HEAD_CHUNK_ROWS]
+                valid = w != IGNORE
+                target = torch.where(valid, w, 0)
+                lse = torch.logsumexp(z, dim=-1)
+                total += ((lse - z.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+                if grad_h is not None:
+                    g = z.sub_(lse[:, None]).exp_()  # softmax in place; d CE / d logits = softmax - onehot
+                    g[torch.arange(g.shape[0], device=g.device), target] -= 1
+                    g *= valid[:, None]
+                    if capped is not None:
+                        g *= 1 - capped * capped
+                    grad_h[s:s + HEAD_CHUNK_ROWS] = g.to(weight.dtype) @ weight
+            if grad_h is not None:
+                ctx.save_for_backward(grad_h)
+            ctx.h_dtype = h.dtype
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_total):
+            (grad_h,) = ctx.saved_tensors
+            return (grad_h * grad_total).to(ctx.h_dtype), None, None, None, None
+
+    return HeadCE
 
 
 def answer_loss_module(peft_model):
     """Wrap the model so that forward returns (summed CE, answer-token count).
 
-    The output layer runs only at answer positions. For Gemma-3 (262k vocabulary) the full
-    logits are most of the compute and memory of a step; the prompt positions' logits are
-    never needed because their labels are ignored. Wrapping (instead of calling submodules
+    The output layer runs only at answer positions, in chunks. For Gemma-3 (262k vocabulary)
+    the full logits are most of the compute and memory of a step; the prompt positions' logits
+    are never needed because their labels are ignored. Wrapping (instead of calling submodules
     from the loop) keeps DDP's gradient hooks on the path."""
     import torch
+
+    head_ce = _head_ce()
 
     class AnswerLoss(torch.nn.Module):
         def __init__(self, model):
@@ -123,6 +173,11 @@ def answer_loss_module(peft_model):
             self.backbone = getattr(causal, causal.base_model_prefix)
             self.head = causal.get_output_embeddings()
             self.softcap = getattr(causal.config, "final_logit_softcapping", None)
+            weight = getattr(self.head, "weight", None)
+            # A plain frozen (possibly tied) linear head; anything else (quantized, sharded)
+            # goes through its own forward.
+            self.chunked = (type(self.head) is torch.nn.Linear and weight is not None and weight.dim() == 2
+                            and weight.is_floating_point() and not weight.requires_grad)
 
         def forward(self, input_ids, attention_mask, labels):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -130,15 +185,12 @@ def answer_loss_module(peft_model):
             targets = labels[:, 1:]
             keep = targets != IGNORE
             h, wanted = hidden[:, :-1][keep], targets[keep]
-            if h.shape[0] % ROW_MULTIPLE:
-                extra = ROW_MULTIPLE - h.shape[0] % ROW_MULTIPLE
-                h = torch.cat([h, h.new_zeros(extra, h.shape[1])])
-                wanted = torch.cat([wanted, wanted.new_full((extra,), IGNORE)])
+            if self.chunked:
+                return head_ce.apply(h, self.head.weight, self.head.bias, wanted, self.softcap), keep.sum()
             logits = self.head(h).float()
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
-            loss_sum = torch.nn.functional.cross_entropy(logits, wanted, ignore_index=IGNORE, reduction="sum")
-            return loss_sum, keep.sum()
+            return torch.nn.functional.cross_entropy(logits, wanted, ignore_index=IGNORE, reduction="sum"), keep.sum()
 
     return AnswerLoss(peft_model)
 
@@ -212,6 +264,72 @@ def attach_lora(model, cfg: RunConfig):
 
 
 # --------------------------------------------------------------------------- run directory helpers
+def decoder_layers(model) -> list:
+    """The repeated blocks of a causal LM (Llama/Gemma/Phi: model.layers, GPT-2: transformer.h)."""
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(causal, causal.base_model_prefix, causal)
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(backbone, name, None)
+        if layers is not None and len(layers):
+            return list(layers)
+    return []
+
+
+COMPILE_MIN_PARAMS = 50e6  # below this the minute of compiling costs more than it saves
+
+
+def resolve_compile(cfg: RunConfig, use_cuda: bool, n_params: int) -> tuple[bool, str]:
+    """(compile?, why). auto compiles on a CPU with a C++ compiler (inductor writes C++) for an
+    unquantized model of at least 50M parameters without gradient checkpointing; measured on
+    gemma3-270m: +46% tokens/s and 0.8 GB less peak RSS, for about a minute of compiling."""
+    value = str(cfg.train.compile).lower()
+    if value in ("no", "false", "off", "0"):
+        return False, "off (train.compile)"
+    if value not in ("auto", "yes", "true", "on", "1"):
+        raise KoloraError(f"train.compile '{cfg.train.compile}' is not one of auto, true, false")
+    if value != "auto":
+        return True, "on (train.compile)"
+    if use_cuda:
+        return False, "off (auto: not measured on GPUs yet; --train.compile true to try)"
+    if cfg.model.quantization != "none" or cfg.train.gradient_checkpointing:
+        return False, "off (auto: quantized or gradient checkpointing)"
+    if n_params < COMPILE_MIN_PARAMS:
+        return False, f"off (auto: a small model, {n_params / 1e6:.0f}M parameters)"
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        return False, "off (auto: no C++ compiler found; install g++ for faster CPU training)"
+    return True, "on (auto)"
+
+
+class CompiledLayers:
+    """torch.compile each decoder layer in place (parameter names unchanged, so adapters and
+    checkpoints look the same), with a switch back to eager: evaluation and generation would
+    otherwise compile new graphs (no grad, KV cache) for a few forward passes."""
+
+    def __init__(self, model):
+        import torch
+
+        # A layer inductor cannot compile runs eagerly instead of failing the run.
+        torch._dynamo.config.suppress_errors = True
+        self.layers = decoder_layers(model)
+        for layer in self.layers:
+            layer.compile(dynamic=True)
+        self.impls = [layer._compiled_call_impl for layer in self.layers]
+
+    @contextlib.contextmanager
+    def eager(self):
+        for layer in self.layers:
+            layer._compiled_call_impl = None
+        try:
+            yield
+        finally:
+            for layer, impl in zip(self.layers, self.impls):
+                layer._compiled_call_impl = impl
+
+    def off(self) -> None:
+        for layer in self.layers:
+            layer._compiled_call_impl = None
+
+
 def truncate_metrics(path: Path, last_step: int) -> int:
     """Drop events logged after the checkpoint we resume from (they will be logged again), so
     metrics.jsonl reads as one uninterrupted run. Returns how many were dropped."""
@@ -364,6 +482,11 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
     say(f"model {cfg.model.name} ({src.kind}), base {dtype}, LoRA r={cfg.lora.r} on {','.join(targets)}: "
         f"{n_train / 1e6:.2f} M trainable ({100 * n_train / n_all:.2f}%)")
     loss_model = answer_loss_module(model)
+    do_compile, compile_why = resolve_compile(cfg, use_cuda, n_all)
+    compiled = CompiledLayers(model) if do_compile else None
+    if compiled and not compiled.layers:
+        compiled, compile_why = None, "off (no decoder layers found)"
+    say(f"torch.compile of the decoder layers: {compile_why}")
     from .estimate import matmul_peak_gflops, train_flops
 
     # MFU = achieved FLOP/s ÷ a matmul peak measured here, now, in the compute dtype.
@@ -410,7 +533,7 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
         run.update_info(kolora_version=__version__, model=cfg.model.name, model_source=src.kind,
                         model_path=src.path, base_dtype=dtype, precision=precision, lora_targets=targets,
                         trainable_params=n_train, total_params=n_all, processes=accelerator.num_processes,
-                        quantization=cfg.model.quantization, quantized_modules=quantized,
+                        quantization=cfg.model.quantization, quantized_modules=quantized, compile=compile_why,
                         data_report=report.lines(), dropped_too_long=n_dropped, fingerprints=fingerprints)
     accelerator.wait_for_everyone()
     metrics_file = open(run.metrics, "a", encoding="utf-8") if is_main else None
@@ -446,7 +569,8 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
     ev_bs = max(cfg.train.batch_size, 8)
 
     def run_eval(step: int) -> float:
-        val = evaluate_loss(unwrapped, eval_data, tokenizer.pad_token_id, ev_bs, accelerator.autocast)
+        with compiled.eager() if compiled else contextlib.nullcontext():
+            val = evaluate_loss(unwrapped, eval_data, tokenizer.pad_token_id, ev_bs, accelerator.autocast)
         log({"kind": "eval", "step": step, "val_loss": val})
         state["last_eval"] = [step, val]
         return val
@@ -567,6 +691,8 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
         stop.armed = False
         bar.close()
     train_time = time.time() - t_start
+    if compiled:
+        compiled.off()  # evaluation and the health check's generation run eagerly
 
     # 7. final adapter, evaluation, summary ------------------------------------------------
     final_val = run_eval(state["step"]) if eval_data else None
