@@ -317,3 +317,21 @@ def test_health_check_warns_about_a_model_that_does_not_stop(tiny_models):
     long = [Example("전세권이란?", "민법 제303조 제1항에 따라 전세권자는 전세금을 지급하고 타인의 부동산을 점유합니다.")]
     assert "raise it" in health_check(model, tokenizer, RunConfig(), long, GenConfig(max_new_tokens=6))[0]
     assert health_check(model, tokenizer, RunConfig(), [], None) == []
+
+
+def test_second_eval_reuses_the_untuned_base_answers(tiny_run, tmp_path):
+    env = {"KOLORA_CACHE": str(tmp_path / "cache")}
+    args = ("eval", str(tiny_run), "--max-new-tokens", "5", "--max-samples", "3")
+    first = run_cli(*args, "--out", str(tmp_path / "a"), env=env)
+    assert first.returncode == 0, first.stderr
+    assert len(list((tmp_path / "cache" / "eval-base").glob("*.json"))) == 1
+    second = run_cli(*args, "--out", str(tmp_path / "b"), env=env)
+    assert second.returncode == 0, second.stderr
+    assert "reusing" in second.stderr
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text(encoding="utf-8")) for d in "ab")
+    assert a["base"] == b["base"] and a["tuned"] == b["tuned"]
+    # other settings are another question: answered again
+    third = run_cli(*args[:-1], "2", "--out", str(tmp_path / "c"), env=env)
+    assert third.returncode == 0 and "reusing" not in third.stderr
+    fourth = run_cli(*args, "--no-cache", "--out", str(tmp_path / "d"), env=env)
+    assert fourth.returncode == 0 and "reusing" not in fourth.stderr

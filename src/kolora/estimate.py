@@ -17,9 +17,9 @@ HEAP_RETENTION): resident memory, which is what runs out, not just live tensors.
   a 1- and a 2-layer copy of the model (built from its config, random weights, LoRA
   attached, kolora's own loss) under saved-tensor hooks, so every architecture gets its own
   bytes per token per layer; plus the output layer, which kolora runs at answer positions
-  only: answer rows × vocabulary × 12 bytes (head output, float32 log-softmax kept for
-  backward, its gradient and the log-softmax gradient alive at the same moment).
-- evaluation batch (max(batch, 8) rows, no graph): answer rows × vocabulary × 8 bytes.
+  only and in chunks of 256 rows: min(answer rows, 256) × vocabulary × 12 bytes (head
+  output, its float32 copy turned into the softmax gradient in place, and its bf16 cast).
+- evaluation batch (max(batch, 8) rows, no graph): min(answer rows, 256) × vocabulary × 8 bytes.
 - loading (CPU only): the checkpoint's pages are read while the weights are cast.
 
 The shapes are the ones training will see: the same tokenizer, split, length filter,
@@ -66,7 +66,8 @@ LOGIT_BYTES_TRAIN = 12  # per answer row per vocabulary entry, see the module do
 LOGIT_BYTES_EVAL = 8
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weight + 8-bit scale per 64 + fp32 per 256 scales
 EVAL_BATCH_MIN = 8  # train.py evaluates with max(batch_size, 8)
-PAD_MULTIPLE, ROW_MULTIPLE = 32, 64  # the same as train.py
+PAD_MULTIPLE, ROW_MULTIPLE = 32, 64  # padding of the batch plan (train.py pads rows to 32)
+HEAD_CHUNK_ROWS = 256  # the same as train.py: the output layer's rows alive at once
 
 
 # --------------------------------------------------------------------------- kept signatures
@@ -569,8 +570,8 @@ class Estimate:
                 f"+ one layer recomputed ({self.profile.layer(width) / 1024:.1f} KiB per token)" if s.checkpointing else
                 f"{self.profile.layer(width) / 1024:.1f} KiB per token per layer") +
             f" × {f.layers} layers × {rows * width:,} tokens (measured on a 1-2 layer copy)",
-            f"  logits (answers only)  {m.logits / GiB:6.2f} GiB  {answers} rows × {f.vocab:,} × {LOGIT_BYTES_TRAIN} bytes",
-            f"  evaluation batch       {m.eval_batch / GiB:6.2f} GiB  {m.worst_eval[2]} answer rows × {f.vocab:,} × "
+            f"  logits (answers only)  {m.logits / GiB:6.2f} GiB  {min(answers, HEAD_CHUNK_ROWS)} of {answers} rows at a time × {f.vocab:,} × {LOGIT_BYTES_TRAIN} bytes",
+            f"  evaluation batch       {m.eval_batch / GiB:6.2f} GiB  {min(m.worst_eval[2], HEAD_CHUNK_ROWS)} answer rows at a time × {f.vocab:,} × "
             f"{LOGIT_BYTES_EVAL} bytes (batch {m.worst_eval[0]}, after the step's memory is freed)",
         ]
         if m.heap_train:
@@ -605,7 +606,7 @@ def memory_for(facts: ModelFacts, profile: ActivationProfile, data: DataProfile,
     def step_bytes(shape):
         rows, width, answers = shape
         act = profile.saved(rows * width, width, facts.layers, setting.checkpointing)
-        return act, answers * facts.vocab * LOGIT_BYTES_TRAIN
+        return act, min(answers, HEAD_CHUNK_ROWS) * facts.vocab * LOGIT_BYTES_TRAIN
 
     worst = max(train_batches, key=lambda b: sum(step_bytes(b)))
     act, logits = step_bytes(worst)
@@ -616,7 +617,7 @@ def memory_for(facts: ModelFacts, profile: ActivationProfile, data: DataProfile,
         return profile.one_layer(rows * width, width)
 
     def eval_bytes(shape):
-        return working_set(shape) + shape[2] * facts.vocab * LOGIT_BYTES_EVAL
+        return working_set(shape) + min(shape[2], HEAD_CHUNK_ROWS) * facts.vocab * LOGIT_BYTES_EVAL
 
     worst_eval = max(evals, key=eval_bytes)
     on_cpu = device.kind == "cpu"

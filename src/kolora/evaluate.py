@@ -28,6 +28,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -674,6 +675,9 @@ def add_arguments(p) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="1.0 (default) measures the model as it is; chat's 1.1 would hide loops")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="answer with the base model again even when an earlier eval of the same base, questions and "
+                        "settings is cached (KOLORA_CACHE/eval-base)")
 
 
 def gen_config(args):
@@ -684,14 +688,55 @@ def gen_config(args):
     return GenConfig(args.max_new_tokens, args.temperature, args.top_p, args.repetition_penalty, args.seed)
 
 
-def evaluate(plan: Plan, gen, batch_size: int) -> tuple[dict, list[dict]]:
+def base_cache_file(side: Side, plan: Plan, gen, batch_size: int) -> Path | None:
+    """Where an untuned base model's results for exactly these questions, prompt format and
+    generation settings are kept: a base model does not change between runs, so a second
+    `kolora eval` (another run, more epochs) need not answer the same questions again."""
+    import dataclasses
+    import hashlib
+
+    import torch
+
+    from . import __version__
+    from .checkpoint import model_fingerprint
+    from .chat import inference_dtype
+    from .models import cache_root, resolve
+
+    if not side.untuned or plan.cfg is None:
+        return None
+    try:
+        model_path = resolve(side.source).path
+    except KoloraError:
+        return None
+    key = json.dumps({"model": model_fingerprint(model_path), "kolora": __version__, "torch": torch.__version__,
+                      "dtype": inference_dtype(), "system": plan.cfg.data.system_prompt, "template": plan.cfg.data.template,
+                      "gen": dataclasses.asdict(gen), "batch": batch_size,
+                      "questions": [[ex.question, ex.answer, ex.system, ex.history] for ex in plan.examples]},
+                     ensure_ascii=False, sort_keys=True, default=str)
+    return cache_root() / "eval-base" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def evaluate(plan: Plan, gen, batch_size: int, use_cache: bool = True) -> tuple[dict, list[dict]]:
     """Run both sides; return (metrics, samples)."""
     import dataclasses
 
     results, timing, n = {}, {}, len(plan.examples)
     for side in plan.sides:
+        cached = base_cache_file(side, plan, gen, batch_size) if use_cache else None
+        if cached and cached.is_file():
+            saved = json.loads(cached.read_text(encoding="utf-8"))
+            results[side.name], timing[side.name] = saved["rows"], {**saved["timing"], "cached": str(cached)}
+            print(f"[{side.name}] {side.label}: {n} questions — the same base, questions and settings as an earlier "
+                  f"eval: reusing {cached} (--no-cache to answer again)", file=sys.stderr, flush=True)
+            continue
         print(f"[{side.name}] {side.label}: {n} questions", file=sys.stderr, flush=True)
         results[side.name], timing[side.name] = evaluate_side(side, plan.examples, gen, batch_size)
+        if cached:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"rows": results[side.name], "timing": timing[side.name]}, ensure_ascii=False,
+                                      default=_json_default), encoding="utf-8")
+            os.replace(tmp, cached)
     base = side_block(results["base"], plan.examples)
     tuned = side_block(results["tuned"], plan.examples)
     metrics = {
@@ -795,7 +840,7 @@ def run(args) -> int:
     gen = gen_config(args)
     plan = make_plan(args)
     t0 = time.time()
-    metrics, samples = evaluate(plan, gen, args.batch_size)
+    metrics, samples = evaluate(plan, gen, args.batch_size, use_cache=not args.no_cache)
     metrics["timing"]["total_s"] = round(time.time() - t0, 1)
     paths = write_outputs(plan, metrics, samples)
     sides = metrics["sides"]
