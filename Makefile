@@ -24,6 +24,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(KOLORA) train --config configs/gemma3-270m.yaml --force
 	$(KOLORA) chat runs/demo --quick-test 3 --compare
+	$(KOLORA) eval runs/demo
 
 test: install
 	$(PY) -m pytest -q
