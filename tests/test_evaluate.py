@@ -335,3 +335,23 @@ def test_second_eval_reuses_the_untuned_base_answers(tiny_run, tmp_path):
     assert third.returncode == 0 and "reusing" not in third.stderr
     fourth = run_cli(*args, "--no-cache", "--out", str(tmp_path / "d"), env=env)
     assert fourth.returncode == 0 and "reusing" not in fourth.stderr
+
+
+def test_fact_extraction_is_linear_on_long_number_runs():
+    """A base model's rambling digit runs once sent the amount pattern into exponential
+    backtracking (eval hung); an alarm turns a hang into a failure."""
+    import signal
+
+    ramble = "1 2 3 4 5 6 7 8 9 0 " * 40 + "1,1,1,1,1,1,1,1,1,1 " * 40 + "그리고 2억 5,000만 원"
+
+    def hang(*_):
+        raise TimeoutError("fact extraction did not finish in 5 s")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(5)
+    try:
+        facts = extract_facts(ramble)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert "250,000,000원" in facts

@@ -80,7 +80,10 @@ _STATUTE = re.compile(
     r"|(?:제\s?)?(?P<para>\d+)\s?항"  # 제1항, 1항
     r"|(?:제\s?)?(?P<item>\d+)\s?호(?![실수])"  # 제2호 (not 101호실)
 )
-_MONEY = re.compile(r"((?:\d[\d,]*\s?[억천백십만]?\s?)+)원")
+# A unit (억, 만, …) must separate the number groups: with optional units a run of digits and
+# spaces could be split in exponentially many ways, and a base model's "1 2 3 4 …" ramble
+# made `kolora eval` hang for minutes on one answer.
+_MONEY = re.compile(r"((?:\d[\d,]*\s?[억천백십만]\s?)*\d[\d,]*\s?[억천백십만]?)\s?원")
 _MONEY_PART = re.compile(r"(\d[\d,]*)\s?([억천백십만]?)")
 _PERIOD = re.compile(r"(\d+(?:\.\d+)?)\s?(개월|달|년|월|주|일|시간)(?![택년간가])")
 _FRACTION = re.compile(r"(\d+)\s?분의\s?(\d+)")

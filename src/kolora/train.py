@@ -336,6 +336,28 @@ class CompiledLayers:
         torch.compiler.set_stance("force_eager")
 
 
+def heap_trimmer():
+    """A function that hands freed heap memory back to the OS (glibc's malloc_trim), or a no-op.
+
+    Every micro-batch has another shape, so glibc's heap fills with free holes that no later
+    request fits: on the gemma3-270m demo resident memory crept from 2.6 to 4.2 GB over 174
+    steps while live memory stayed flat. Trimming once per optimizer step keeps RSS at what the
+    step needs, for a few milliseconds."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
+        return lambda: None
+    trim.argtypes = [ctypes.c_size_t]
+    return lambda: trim(0)
+
+
 def truncate_metrics(path: Path, last_step: int) -> int:
     """Drop events logged after the checkpoint we resume from (they will be logged again), so
     metrics.jsonl reads as one uninterrupted run. Returns how many were dropped."""
@@ -594,6 +616,7 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
     if partial_grads is not None:  # resumed inside an accumulation window: its gradients so far
         for n, p in named_params:
             p.grad = partial_grads[n].to(p.device, p.dtype)
+    trim_heap = heap_trimmer() if accelerator.device.type == "cpu" else (lambda: None)
     t_last, tok_last, ans_last, window_loss = time.time(), state["tokens"], state["answer_tokens"], []
     t_start = time.time()
     stop_reason = "max steps"
@@ -653,6 +676,7 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
                           f"step skipped ({state['skipped_steps']} of {cfg.train.max_nonfinite_steps} allowed)") if is_main else None
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            trim_heap()
             state["step"] += 1
             if finite:
                 window_loss.append(step_loss)
