@@ -39,7 +39,7 @@ LEVERS: dict[str, tuple[str, str, list[str]]] = {
     "pad-1": ("", "pad1", []),
     "pad-8": ("", "pad8", []),
     "pad-64": ("", "pad64", []),
-    "answer-rows-1": ("", "row1", []),
+    "unchunked-head": ("", "unchunked-head", []),
     "fused-head-ce": ("", "fused-head-ce", []),
     "fused-head-ce-64": ("", "fused-head-ce-64", []),
     "compile-layers": ("", "compile-layers", []),
