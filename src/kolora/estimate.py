@@ -23,7 +23,7 @@ HEAP_RETENTION): resident memory, which is what runs out, not just live tensors.
 - loading (CPU only): the checkpoint's pages are read while the weights are cast.
 
 The shapes are the ones training will see: the same tokenizer, split, length filter,
-length-grouped batches, padding to 32 and answer rows to 64.
+length-grouped batches, padding to 32 (answer rows are not padded).
 
 Time per step: `train_flops` (the formula the training loop logs MFU with) over a matmul
 peak measured here for ~0.3 s in the compute dtype, at an MFU calibrated from real CPU runs
@@ -66,7 +66,7 @@ LOGIT_BYTES_TRAIN = 12  # per answer row per vocabulary entry, see the module do
 LOGIT_BYTES_EVAL = 8
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weight + 8-bit scale per 64 + fp32 per 256 scales
 EVAL_BATCH_MIN = 8  # train.py evaluates with max(batch_size, 8)
-PAD_MULTIPLE, ROW_MULTIPLE = 32, 64  # padding of the batch plan (train.py pads rows to 32)
+PAD_MULTIPLE = 32  # the same as train.py: rows padded to a multiple of 32 tokens
 HEAD_CHUNK_ROWS = 256  # the same as train.py: the output layer's rows alive at once
 
 
@@ -363,7 +363,7 @@ class DataProfile:
 
 def _shape(rows: list) -> tuple[int, int, int]:
     width = -(-max(r[0] for r in rows) // PAD_MULTIPLE) * PAD_MULTIPLE
-    answers = -(-sum(r[1] for r in rows) // ROW_MULTIPLE) * ROW_MULTIPLE
+    answers = sum(r[1] for r in rows)
     return len(rows), width, answers
 
 
@@ -557,7 +557,7 @@ class Estimate:
             f"vocab {f.vocab:,}; LoRA r={self.lora_r} on {','.join(f.targets)}: {f.lora_params / 1e6:.2f} M",
             f"data     {self.data.source}: {self.train_rows} training rows ≤ {s.max_length} tokens"
             + (f" ({self.dropped} longer rows dropped)" if self.dropped else "")
-            + f"; largest micro-batch {rows} × {width} tokens with {answers} answer rows (padded)",
+            + f"; largest micro-batch {rows} × {width} tokens with {answers} answer rows",
             f"device   {self.device.label}; precision {self.precision}",
             f"peak memory ≈ {m.peak / GiB:.2f} GiB (during {PHASE_WORDS[m.peak_phase]})",
             f"  runtime                {m.runtime / GiB:6.2f} GiB  "
