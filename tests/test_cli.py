@@ -163,12 +163,18 @@ def test_models_doctor_inspect(tiny_models):
     assert "suggested LoRA targets: c_attn,c_proj,c_fc" in r.stdout and "trainable parameters" in r.stdout
 
 
-def test_training_options_gradient_checkpointing_dora_rslora_tensorboard(tiny_models, small_csv, tmp_path):
+def test_training_options_gradient_checkpointing_dora_rslora_tensorboard_train_only(tiny_models, small_csv, tmp_path):
     run = tmp_path / "run"
+    index = tmp_path / "index.csv"
+    index.write_text("question,answer\n제303조는 무엇을 정하나요?,민법 제303조(전세권의 내용)입니다.\n", encoding="utf-8")
     r = run_cli("train", "--model", str(tiny_models["gemma3"]), "--data", str(small_csv), "--out", str(run),
                 *TINY_TRAIN, "--max-steps", "2", "--train.gradient_checkpointing", "true", "--lora.use_dora", "true",
-                "--lora.use_rslora", "true", "--train.tensorboard", "true")
+                "--lora.use_rslora", "true", "--train.tensorboard", "true", "--data.train_only", str(index))
     assert r.returncode == 0, r.stderr
+    assert "1 rows read (utf-8), 1 kept (training only)" in r.stdout
+    train_rows = [json.loads(x) for x in (run / "data" / "train.jsonl").read_text().splitlines()]
+    assert [x["question"] for x in train_rows if x.get("source") == str(index)] == ["제303조는 무엇을 정하나요?"]
+    assert "제303조는" not in (run / "data" / "test.jsonl").read_text()
     cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
     assert cfg["use_dora"] is True and cfg["use_rslora"] is True
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))

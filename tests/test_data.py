@@ -133,3 +133,28 @@ def test_bundled_dataset_quality():
     assert {"전세권", "민법임대차", "주택임대차", "상가임대차"} <= set(cats)
     colloquial = sum(1 for r in rows if re.search(r"(요\?|요\.|요$|줘요|대요|네요)", r["question"]))
     assert colloquial > 100, "everyday phrasings, not only textbook ones"
+
+
+def test_training_only_rows_join_the_training_split_only(tmp_path):
+    from types import SimpleNamespace
+
+    from kolora.data import load_splits
+
+    main = write_csv(tmp_path / "qa.csv", [(f"질문 {i}번?", f"민법 제{600 + i}조에 따라 답 {i}.", "민법임대차", "보통")
+                                           for i in range(20)])
+    cfg = SimpleNamespace(data=SimpleNamespace(path=str(main), split=[0.8, 0.1, 0.1], seed=42, train_only=[]))
+    plain, _ = load_splits(cfg)
+    held_out = plain["test"][0].question
+    extra = write_csv(tmp_path / "index.csv", [("제618조는 무엇을 정하나요?", "민법 제618조(임대차의 의의)입니다.", "민법임대차", "쉬움"),
+                                               (held_out, "새어 나간 답", "민법임대차", "쉬움")])
+    cfg.data.train_only = [str(extra)]
+    splits, lines = load_splits(cfg)
+    # validation and test are exactly what they were without the extra file
+    for name in ("validation", "test"):
+        assert [e.question for e in splits[name]] == [e.question for e in plain[name]]
+    added = [e for e in splits["train"] if e.source == str(extra)]
+    assert [e.question for e in added] == ["제618조는 무엇을 정하나요?"]  # the held-out question is not trained on
+    assert len(splits["train"]) == len(plain["train"]) + 1
+    text = "\n".join(lines)
+    assert "2 rows read" in text and "(training only)" in text
+    assert "skipped 1 × same question as a validation/test row" in text and "line 3" in text

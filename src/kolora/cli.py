@@ -140,17 +140,17 @@ VERB_MODULES = {"eval": "evaluate", "export": "export", "serve": "serve", "estim
 def cmd_prepare(args) -> None:
     import statistics
 
-    from .data import category_table, count_hangul, difficulty_counts, load_examples, split_examples
+    from .data import category_table, count_hangul, difficulty_counts, load_splits
     from .models import load_tokenizer, resolve
     from .prompt import IGNORE, encode_example
 
     cfg = build_config(args)
     if args.path:
         cfg.data.path = args.path
-    examples, report = load_examples(cfg.data.path)
-    for line in report.lines():
+    splits, report = load_splits(cfg)
+    for line in report:
         print(line)
-    splits = split_examples(examples, cfg.data.split, cfg.data.seed)
+    examples = [ex for name in ("train", "validation", "test") for ex in splits[name]]
     print(f"split {cfg.data.split} (seed {cfg.data.seed}, stratified by category):")
     for line in category_table(splits):
         print("  " + line)

@@ -38,6 +38,8 @@ class DataConfig:
     max_length: int = opt(384, "max tokens of prompt + answer; longer rows are dropped and counted (never truncated, which would cut the EOS)")
     split: list = opt([0.8, 0.1, 0.1], "train / validation / test fractions (seeded, stratified by category when present)")
     seed: int = opt(42, "seed of the split")
+    train_only: list = opt([], "more data files (same formats) used for training only, never for validation/test: "
+                               "an article index, a glossary; a row whose question is also a held-out question is dropped and counted")
     system_prompt: str | None = opt(None, "system message put in every prompt (chat template) or above the question (fallback template)")
     template: str = opt("auto", "prompt format: auto (the model's chat template when it has one, else kolora's fallback) or fallback")
 

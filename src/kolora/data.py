@@ -35,6 +35,7 @@ class Example:
     history: list = field(default_factory=list)  # earlier chat turns: [{"role", "content"}]
     system: str | None = None
     line: int = 0  # line (CSV/JSONL) or index (JSON) in the source file
+    source: str | None = None  # the data.train_only file it came from (None: data.path)
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, [], "")}
@@ -327,6 +328,42 @@ def split_examples(examples: list[Example], fractions=(0.8, 0.1, 0.1), seed: int
     if not out["train"]:
         raise KoloraError(f"the training split is empty ({len(examples)} examples)", "add data or change data.split")
     return out
+
+
+def _question_key(ex: Example) -> str:
+    return " ".join(ex.question.split())
+
+
+def add_training_only(splits: dict[str, list[Example]], paths: list[str]) -> list[str]:
+    """Append the rows of `data.train_only` files to the training split and return report lines.
+
+    These files (an article index, a glossary) teach the model but are never validation or test
+    rows, so they cannot make the held-out figures look better than they are. A row whose
+    question is also a validation/test question would leak the exam: it is dropped and counted."""
+    held_out = {_question_key(ex) for name in ("validation", "test") for ex in splits[name]}
+    lines = []
+    for path in paths:
+        examples, report = load_examples(path)
+        kept = [ex for ex in examples if _question_key(ex) not in held_out]
+        leaked = [ex.line for ex in examples if _question_key(ex) in held_out]
+        for ex in kept:
+            ex.source = str(path)
+        splits["train"] += kept
+        lines += [line + " (training only)" if i == 0 else line for i, line in enumerate(report.lines())]
+        if leaked:
+            lines.append(f"  skipped {len(leaked)} × same question as a validation/test row of data.path "
+                         f"({report.unit} {', '.join(map(str, leaked[:10]))}{' …' if len(leaked) > 10 else ''}): "
+                         "training on it would leak the held-out answer")
+    return lines
+
+
+def load_splits(cfg) -> tuple[dict[str, list[Example]], list[str]]:
+    """data.path read, checked and split, plus the data.train_only rows in the training split;
+    with the report lines to show the user."""
+    examples, report = load_examples(cfg.data.path)
+    splits = split_examples(examples, cfg.data.split, cfg.data.seed)
+    lines = report.lines() + add_training_only(splits, list(cfg.data.train_only or []))
+    return splits, lines
 
 
 def write_jsonl(examples: list[Example], path: Path) -> None:

@@ -308,11 +308,10 @@ class DataProfile:
 
     @classmethod
     def from_config(cls, cfg, tokenizer) -> "DataProfile":
-        from .data import load_examples, split_examples
+        from .data import load_splits
         from .prompt import IGNORE, encode_example
 
-        examples, _ = load_examples(cfg.data.path)
-        splits = split_examples(examples, cfg.data.split, cfg.data.seed)
+        splits, _ = load_splits(cfg)
 
         def rows(name):
             out = []

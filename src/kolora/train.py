@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import RunConfig, save_yaml
-from .data import SPLITS, Example, category_table, load_examples, split_examples, write_jsonl
+from .data import SPLITS, Example, category_table, load_splits, write_jsonl
 from .errors import KoloraError
 from .models import ModelSource, load_model, load_tokenizer, resolve, target_modules
 from .prompt import IGNORE, encode_example
@@ -447,12 +447,11 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
     set_seed(cfg.train.seed)
 
     # 2. data -----------------------------------------------------------------------------
-    examples, report = load_examples(cfg.data.path)  # before the model: a data mistake fails in a second
-    for line in report.lines():
+    splits, data_report = load_splits(cfg)  # before the model: a data mistake fails in a second
+    for line in data_report:
         say(line)
     src: ModelSource = resolve(cfg.model.name)
     tokenizer = load_tokenizer(src, cfg.model.trust_remote_code)
-    splits = split_examples(examples, cfg.data.split, cfg.data.seed)
     tokenized, dropped = {}, {}
     for name in SPLITS:
         tokenized[name], splits[name], dropped[name] = tokenize_split(tokenizer, splits[name], cfg)
@@ -525,7 +524,7 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
     # What a resume must match; stored in every checkpoint's manifest.
     fingerprints = {"model": ckpt.model_fingerprint(src.path), "model_name": cfg.model.name,
                     "lora": ckpt.lora_shape(cfg, targets), "data": ckpt.data_fingerprint(train_data),
-                    "data_path": cfg.data.path, "train_rows": len(train_data),
+                    "data_path": ", ".join([cfg.data.path] + list(cfg.data.train_only or [])), "train_rows": len(train_data),
                     "batching": [cfg.train.batch_size, cfg.train.grad_accum, accelerator.num_processes]}
 
     # 4. optimizer + schedule -------------------------------------------------------------
@@ -564,7 +563,7 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
                         model_path=src.path, base_dtype=dtype, precision=precision, lora_targets=targets,
                         trainable_params=n_train, total_params=n_all, processes=accelerator.num_processes,
                         quantization=cfg.model.quantization, quantized_modules=quantized, compile=compile_why,
-                        data_report=report.lines(), dropped_too_long=n_dropped, fingerprints=fingerprints)
+                        data_report=data_report, dropped_too_long=n_dropped, fingerprints=fingerprints)
     accelerator.wait_for_everyone()
     metrics_file = open(run.metrics, "a", encoding="utf-8") if is_main else None
     tb = None
