@@ -431,6 +431,8 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
         value = getattr(getattr(cfg, section), key)
         if Path(value).expanduser().exists():
             setattr(getattr(cfg, section), key, str(Path(value).expanduser().resolve()))
+    cfg.data.train_only = [str(Path(v).expanduser().resolve()) if Path(v).expanduser().exists() else v
+                           for v in cfg.data.train_only or []]
     run = Run(Path(resume or cfg.train.output_dir or default_output_dir(cfg.model.name)))
     if not resume and not dry_run and run.path.is_dir() and any(run.path.iterdir()):
         if not force:
