@@ -39,13 +39,14 @@ class Tokenized:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-def tokenize_split(tokenizer, examples: list[Example], cfg: RunConfig) -> tuple[list[Tokenized], list[Example], list[int]]:
-    """Tokenize; rows over max_length are dropped (truncation would cut the EOS) and returned."""
+def tokenize_split(tokenizer, examples: list[Example], cfg: RunConfig) -> tuple[list[Tokenized], list[Example], list]:
+    """Tokenize; rows over max_length are dropped (truncation would cut the EOS) and returned
+    as their line numbers ('file:line' for rows of a data.train_only file)."""
     kept, kept_ex, too_long = [], [], []
     for ex in examples:
         ids, labels = encode_example(tokenizer, ex, cfg.data.system_prompt, cfg.data.template)
         if len(ids) > cfg.data.max_length:
-            too_long.append(ex.line)
+            too_long.append(f"{Path(ex.source).name}:{ex.line}" if ex.source else ex.line)
             continue
         kept.append(Tokenized(ids, labels))
         kept_ex.append(ex)
