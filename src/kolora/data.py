@@ -344,11 +344,13 @@ def add_training_only(splits: dict[str, list[Example]], paths: list[str]) -> lis
     lines = []
     for path in paths:
         examples, report = load_examples(path)
-        kept = [ex for ex in examples if _question_key(ex) not in held_out]
-        leaked = [ex.line for ex in examples if _question_key(ex) in held_out]
-        for ex in kept:
-            ex.source = str(path)
-        splits["train"] += kept
+        leaked = []
+        for ex in examples:
+            if _question_key(ex) in held_out:
+                leaked.append(ex.line)
+            else:
+                ex.source = str(path)
+                splits["train"].append(ex)
         lines += [line + " (training only)" if i == 0 else line for i, line in enumerate(report.lines())]
         if leaked:
             lines.append(f"  skipped {len(leaked)} × same question as a validation/test row of data.path "
