@@ -342,8 +342,8 @@ def heap_trimmer():
 
     Every micro-batch has another shape, so glibc's heap fills with free holes that no later
     request fits: on the gemma3-270m demo resident memory crept from 2.6 to 4.2 GB over 174
-    steps while live memory stayed flat. Trimming once per optimizer step slows that creep (3.6 GB
-    at step 160 instead of 4.2 GB at step 130). The call takes ~0.1 ms, but the next step faults its
+    steps while live memory stayed flat. Trimming once per optimizer step slows that creep (peak
+    3.56 GB at step 175 and 3.67 GB at step 290 of a 5-epoch run, against 4.23 GB at step 174 without). The call takes ~0.1 ms, but the next step faults its
     pages in again: steady-state tokens/s measured ~13% lower (every N steps would cost less; not
     measured yet)."""
     import ctypes
@@ -428,12 +428,11 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
 
     faults = Faults()
     # 1. config and run directory ---------------------------------------------------------
-    for section, key in (("model", "name"), ("data", "path")):  # later commands may run elsewhere
-        value = getattr(getattr(cfg, section), key)
-        if Path(value).expanduser().exists():
-            setattr(getattr(cfg, section), key, str(Path(value).expanduser().resolve()))
-    cfg.data.train_only = [str(Path(v).expanduser().resolve()) if Path(v).expanduser().exists() else v
-                           for v in cfg.data.train_only or []]
+    def absolute(value: str) -> str:  # later commands may run elsewhere; hub names stay as they are
+        return str(Path(value).expanduser().resolve()) if Path(value).expanduser().exists() else value
+
+    cfg.model.name, cfg.data.path = absolute(cfg.model.name), absolute(cfg.data.path)
+    cfg.data.train_only = [absolute(v) for v in cfg.data.train_only or []]
     run = Run(Path(resume or cfg.train.output_dir or default_output_dir(cfg.model.name)))
     if not resume and not dry_run and run.path.is_dir() and any(run.path.iterdir()):
         if not force:
