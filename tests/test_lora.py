@@ -122,3 +122,29 @@ def test_chunked_head_matches_full_logits_loss_and_gradients(tiny_models, arch, 
         if p.grad is not None:
             scale = float(p.grad.abs().max()) + 1e-12  # float32 sums in another order: relative to the largest entry
             assert float((chunked[n] - p.grad).abs().max()) / scale < 1e-4, n
+
+
+def test_validation_loss_batches_go_to_the_model_device():
+    """evaluate_loss collates on the CPU; on a GPU it must move each batch to the model's
+    device (the H100 run failed with 'index is on cpu' before this). A meta-device parameter
+    stands in for the GPU."""
+    import contextlib
+
+    import torch
+
+    from kolora.train import evaluate_loss
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.empty(1, device="meta"))
+            self.seen = set()
+
+        def forward(self, input_ids, attention_mask, labels):
+            self.seen |= {input_ids.device.type, attention_mask.device.type, labels.device.type}
+            return torch.tensor(2.0), 4
+
+    probe = Probe()
+    data = [Tokenized([5, 6, 7], [-100, 6, 7]), Tokenized([5, 6], [-100, 6])]
+    assert evaluate_loss(probe, data, pad_id=0, batch_size=1, autocast=contextlib.nullcontext) == 0.5
+    assert probe.seen == {"meta"}

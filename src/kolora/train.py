@@ -214,10 +214,11 @@ def evaluate_loss(loss_model, data: list[Tokenized], pad_id: int, batch_size: in
     was_training = loss_model.training
     loss_model.eval()
     total, count = 0.0, 0
+    device = next(loss_model.parameters()).device  # collate builds CPU tensors; the model may be on a GPU
     order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
     with torch.no_grad(), autocast():
         for start in range(0, len(order), batch_size):
-            batch = collate([data[i] for i in order[start:start + batch_size]], pad_id)
+            batch = {k: v.to(device) for k, v in collate([data[i] for i in order[start:start + batch_size]], pad_id).items()}
             loss_sum, n = loss_model(**batch)
             total += float(loss_sum)
             count += int(n)
