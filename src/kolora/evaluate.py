@@ -448,12 +448,11 @@ def answer_losses(model, tokenizer, cfg, examples, progress=None) -> list[tuple[
 
     loss_model = answer_loss_module(model)
     out = []
+    device = next(model.parameters()).device
     with torch.no_grad(), _autocast(model):
         for ex in examples:
             ids, labels = encode_example(tokenizer, ex, cfg.data.system_prompt, cfg.data.template)
-            batch = collate([Tokenized(ids, labels)], tokenizer.pad_token_id)
-            device = next(model.parameters()).device
-            loss_sum, n = loss_model(**{k: v.to(device) for k, v in batch.items()})
+            loss_sum, n = loss_model(**collate([Tokenized(ids, labels)], tokenizer.pad_token_id, device=device))
             out.append((float(loss_sum), int(n)))
             if progress:
                 progress.update(1)

@@ -96,7 +96,9 @@ class LengthGroupedBatches:
 PAD_MULTIPLE = 32  # few distinct shapes: oneDNN and the allocator reuse their buffers (measured: -15% time, -0.9 GB RSS)
 
 
-def collate(items: list[Tokenized], pad_id: int, multiple: int = PAD_MULTIPLE):
+def collate(items: list[Tokenized], pad_id: int, multiple: int = PAD_MULTIPLE, device=None):
+    """Right-padded batch; built on the CPU and moved to `device` when given (the training
+    DataLoader leaves that to accelerate; evaluation passes the model's device)."""
     import torch
 
     width = max(len(t.input_ids) for t in items)
@@ -109,7 +111,8 @@ def collate(items: list[Tokenized], pad_id: int, multiple: int = PAD_MULTIPLE):
         ids[row, :n] = torch.tensor(t.input_ids)
         labels[row, :n] = torch.tensor(t.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
 # --------------------------------------------------------------------------- the loss
@@ -214,11 +217,11 @@ def evaluate_loss(loss_model, data: list[Tokenized], pad_id: int, batch_size: in
     was_training = loss_model.training
     loss_model.eval()
     total, count = 0.0, 0
-    device = next(loss_model.parameters()).device  # collate builds CPU tensors; the model may be on a GPU
+    device = next(loss_model.parameters()).device  # the model may be on a GPU
     order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
     with torch.no_grad(), autocast():
         for start in range(0, len(order), batch_size):
-            batch = {k: v.to(device) for k, v in collate([data[i] for i in order[start:start + batch_size]], pad_id).items()}
+            batch = collate([data[i] for i in order[start:start + batch_size]], pad_id, device=device)
             loss_sum, n = loss_model(**batch)
             total += float(loss_sum)
             count += int(n)
