@@ -347,9 +347,9 @@ def heap_trimmer():
     Every micro-batch has another shape, so glibc's heap fills with free holes that no later
     request fits: on the gemma3-270m demo resident memory crept from 2.6 to 4.2 GB over 174
     steps while live memory stayed flat. Trimming once per optimizer step slows that creep (peak
-    3.56 GB at step 175 and 3.67 GB at step 290 of a 5-epoch run, against 4.23 GB at step 174 without). The call takes ~0.1 ms, but the next step faults its
-    pages in again: steady-state tokens/s measured ~13% lower (every N steps would cost less; not
-    measured yet)."""
+    3.56 GB at step 175 and 3.67 GB at step 290 of a 5-epoch run, against 4.23 GB at step 174
+    without). The call takes ~0.1 ms, but the next step faults its pages in again: steady-state
+    tokens/s measured ~13% lower (every N steps would cost less; not measured yet)."""
     import ctypes
     import ctypes.util
     import sys
