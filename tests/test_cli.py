@@ -1,6 +1,7 @@
 """End to end through the CLI, as a user runs it: train → chat → merge, and every bad input."""
 
 import json
+import re
 
 import pytest
 from conftest import TINY_TRAIN, run_cli
@@ -169,9 +170,11 @@ def test_training_options_gradient_checkpointing_dora_rslora_tensorboard_train_o
     index.write_text("question,answer\n제303조는 무엇을 정하나요?,민법 제303조(전세권의 내용)입니다.\n", encoding="utf-8")
     r = run_cli("train", "--model", str(tiny_models["gemma3"]), "--data", str(small_csv), "--out", str(run),
                 *TINY_TRAIN, "--max-steps", "2", "--train.gradient_checkpointing", "true", "--lora.use_dora", "true",
-                "--lora.use_rslora", "true", "--train.tensorboard", "true", "--data.train_only", str(index))
+                "--lora.use_rslora", "true", "--train.tensorboard", "true", "--data.train_only", str(index),
+                "--train.fact_weight", "3")
     assert r.returncode == 0, r.stderr
     assert "1 rows read (utf-8), 1 kept (training only)" in r.stdout
+    assert re.search(r"train.fact_weight 3: [\d,]+ of [\d,]+ answer tokens \([\d.]+%\) state a fact", r.stdout)
     train_rows = [json.loads(x) for x in (run / "data" / "train.jsonl").read_text().splitlines()]
     assert [x["question"] for x in train_rows if x.get("source") == str(index)] == ["제303조는 무엇을 정하나요?"]
     assert "제303조는" not in (run / "data" / "test.jsonl").read_text()

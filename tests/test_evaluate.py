@@ -355,3 +355,15 @@ def test_fact_extraction_is_linear_on_long_number_runs():
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     assert "250,000,000원" in facts
+
+
+def test_fact_spans_cover_exactly_what_fact_recall_reads():
+    from kolora.evaluate import fact_spans
+
+    text = "민법 제303조 제1항, 같은 조 제2호. 6개월 안에 1억 원의 20분의 1(5%)과 1할, 2회. 101호실"
+    spans = fact_spans(text)
+    assert [text[a:b] for a, b in spans] == ["제303조", "제1항", "제2호", "6개월", "1억 원", "20분의 1", "5%", "1할", "2회"]
+    # every fact extract_facts finds comes from inside a span, and nothing outside one is a fact
+    inside = " ".join(text[a:b] for a, b in spans)
+    assert extract_facts(inside) == extract_facts(text)
+    assert fact_spans("전세권은 물권이에요.") == []

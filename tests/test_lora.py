@@ -124,6 +124,70 @@ def test_chunked_head_matches_full_logits_loss_and_gradients(tiny_models, arch, 
             assert float((chunked[n] - p.grad).abs().max()) / scale < 1e-4, n
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
+@pytest.mark.parametrize("chunked", [True, False])
+def test_fact_weighted_loss_and_gradients_match_weighted_cross_entropy(tiny_models, arch, chunked, monkeypatch):
+    """train.fact_weight: the loss that is backpropagated is Σ w·CE (chunked head and plain head
+    alike, gradients included); the plain Σ CE comes back beside it for logging."""
+    import kolora.train as train_module
+    from kolora.train import fact_weights
+
+    monkeypatch.setattr(train_module, "HEAD_CHUNK_ROWS", 3)
+    torch.manual_seed(0)
+    tok, model, _, _ = setup(tiny_models[arch], arch)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    exs = [Example("전세권이란?", "민법 제303조에 따른 권리입니다."), Example("기간은?", "2년이고 보증금의 20분의 1을 넘지 못해요.")]
+    rows = []
+    for e in exs:
+        ids, labels = encode_example(tok, e)
+        rows.append(Tokenized(ids, labels, fact_weights(tok, e.answer, labels, 3.0)))
+    assert all(3.0 in r.weights for r in rows)  # every answer has a fact
+    batch = collate(rows, tok.pad_token_id)
+    loss_model = answer_loss_module(model)
+    if not chunked:
+        loss_model.chunked = False
+    weighted, count, plain = loss_model(**batch)
+    weighted.backward()
+    mine = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels, w = batch["labels"][:, 1:].reshape(-1), batch["weights"][:, 1:].reshape(-1)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels, ignore_index=-100,
+                                           reduction="none")
+    reference = (ce * w).sum()
+    reference.backward()
+    assert torch.allclose(weighted, reference, rtol=1e-5)
+    assert torch.allclose(plain, ce.sum(), rtol=1e-5) and not torch.allclose(plain, weighted)
+    assert int(count) == int((labels != -100).sum())
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            scale = float(p.grad.abs().max()) + 1e-12
+            assert float((mine[n] - p.grad).abs().max()) / scale < 1e-4, n
+
+
+def test_fact_token_mask_marks_the_facts_and_nothing_else(tiny_models):
+    from kolora.prompt import fact_token_mask
+
+    tok = load_tokenizer(ModelSource("llama", str(tiny_models["llama"]), "local"))
+    answer = "민법 제303조 제1항에 따라 6개월 안에 보증금의 20분의 1을 돌려받아요."
+    ids = tok(answer, add_special_tokens=False).input_ids
+    mask = fact_token_mask(tok, answer, len(ids) + 1)
+    assert len(mask) == len(ids) + 1 and mask[-1] is False  # the EOS is never a fact
+    # byte-level tokens may hold half a syllable: decode each run of marked / unmarked tokens whole
+    runs, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or mask[i] != mask[start]:
+            runs.append((mask[start], tok.decode(ids[start:i]).replace(" ", "")))
+            start = i
+    marked = [text for m, text in runs if m]
+    assert any("303" in t for t in marked) and any("6개월" in t for t in marked) and any("20분의1" in t for t in marked)
+    unmarked = "".join(text for m, text in runs if not m)
+    assert not any(ch.isdigit() for ch in unmarked) and "민법" in unmarked and "돌려받아요" in unmarked
+
+
 def test_validation_loss_batches_go_to_the_model_device():
     """evaluate_loss collates on the CPU; on a GPU it must move each batch to the model's
     device (the H100 run failed with 'index is on cpu' before this). A meta-device parameter

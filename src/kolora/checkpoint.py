@@ -86,6 +86,8 @@ def compare_fingerprints(saved: dict, now: dict, where: Path) -> None:
     if saved.get("data") != now["data"]:
         diffs.append(f"the training data (checkpoint: {saved.get('train_rows')} rows of {saved.get('data_path')}, "
                      f"now: {now['train_rows']} rows of {now['data_path']}; the file, tokenizer, split or max_length changed)")
+    if saved.get("fact_weight", 1) != now.get("fact_weight", 1):
+        diffs.append(f"train.fact_weight (checkpoint: {saved.get('fact_weight', 1)}, now: {now.get('fact_weight', 1)})")
     if diffs:
         raise KoloraError(f"cannot resume from {where}: " + "; ".join(diffs),
                           "restore the original model/data/config, or start a new run with --out")

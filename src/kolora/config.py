@@ -64,6 +64,8 @@ class TrainConfig:
     lr: float = opt(2e-4, "peak learning rate of AdamW")
     weight_decay: float = opt(0.0, "AdamW weight decay on LoRA weights")
     warmup_ratio: float = opt(0.05, "share of steps with linear warm-up before the cosine decay")
+    fact_weight: float = opt(1.0, "loss weight of answer tokens that state a fact (statute reference, period, amount, fraction, "
+                                  "percentage, count: what `kolora eval` scores as fact recall); 1 = plain cross entropy")
     max_grad_norm: float = opt(1.0, "gradient clipping norm; 0 disables clipping")
     mixed_precision: str = opt("auto", "auto (bf16 where the CPU/GPU supports it), bf16, fp16 or no")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: less memory, ~30% slower")

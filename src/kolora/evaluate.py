@@ -153,6 +153,23 @@ def quantities(text: str) -> list[str]:
     return found
 
 
+def fact_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans (start, end) of the facts `extract_facts` reads, merged where they touch:
+    what `train.fact_weight` weights. The same patterns, so training weights exactly what
+    fact recall checks."""
+    spans = [m.span() for m in _STATUTE.finditer(text)]
+    spans += [m.span() for m in _MONEY.finditer(text) if won(m[1])]
+    for pattern in (_PERIOD, _FRACTION, _PERCENT, _TENTHS, _COUNT):
+        spans += [m.span() for m in pattern.finditer(text)]
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
 def normalize(text: str) -> str:
     return unicodedata.normalize("NFKC", text)  # full-width digits and ％ become ASCII
 

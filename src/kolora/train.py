@@ -24,7 +24,7 @@ from .config import RunConfig, save_yaml
 from .data import SPLITS, Example, category_table, load_splits, write_jsonl
 from .errors import KoloraError
 from .models import ModelSource, load_model, load_tokenizer, resolve, target_modules
-from .prompt import IGNORE, encode_example
+from .prompt import IGNORE, encode_example, fact_token_mask
 from .runs import Run
 
 
@@ -33,24 +33,47 @@ from .runs import Run
 class Tokenized:
     input_ids: list[int]
     labels: list[int]
+    weights: list[float] | None = None  # per-token loss weight (train.fact_weight); None = all 1
 
     @property
     def answer_tokens(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
 
 
-def tokenize_split(tokenizer, examples: list[Example], cfg: RunConfig) -> tuple[list[Tokenized], list[Example], list]:
+def tokenize_split(tokenizer, examples: list[Example], cfg: RunConfig,
+                   fact_weight: float = 1.0) -> tuple[list[Tokenized], list[Example], list]:
     """Tokenize; rows over max_length are dropped (truncation would cut the EOS) and returned
-    as their line numbers ('file:line' for rows of a data.train_only file)."""
+    as their line numbers ('file:line' for rows of a data.train_only file). `fact_weight` ≠ 1
+    attaches per-token loss weights (the training split only: held-out losses stay plain)."""
     kept, kept_ex, too_long = [], [], []
     for ex in examples:
         ids, labels = encode_example(tokenizer, ex, cfg.data.system_prompt, cfg.data.template)
         if len(ids) > cfg.data.max_length:
             too_long.append(f"{Path(ex.source).name}:{ex.line}" if ex.source else ex.line)
             continue
-        kept.append(Tokenized(ids, labels))
+        kept.append(Tokenized(ids, labels, fact_weights(tokenizer, ex.answer, labels, fact_weight)))
         kept_ex.append(ex)
     return kept, kept_ex, too_long
+
+
+def fact_weights(tokenizer, answer: str, labels: list[int], weight: float) -> list[float] | None:
+    """Loss weights: `weight` on answer tokens that state a fact, 1 elsewhere (None when weight is 1).
+
+    Why: the bundled model learns the wording of an answer long before its article number —
+    Gemma spells numbers digit by digit, and 'Article 624' for 'Article 626' costs one token of
+    sixty in the plain loss. Weighting those tokens trains the facts harder without training
+    the wording longer (which makes the model over-confident on unseen answers)."""
+    if weight == 1:
+        return None
+    n_answer = sum(1 for x in labels if x != IGNORE)
+    mask = fact_token_mask(tokenizer, answer, n_answer)
+    return [1.0] * (len(labels) - n_answer) + [weight if m else 1.0 for m in mask]
+
+
+def fact_token_share(data: list[Tokenized]) -> tuple[int, int]:
+    """(answer tokens with a fact weight ≠ 1, all answer tokens)."""
+    weighted = sum(1 for t in data if t.weights for w, x in zip(t.weights, t.labels) if x != IGNORE and w != 1)
+    return weighted, sum(t.answer_tokens for t in data)
 
 
 class LengthGroupedBatches:
@@ -106,12 +129,18 @@ def collate(items: list[Tokenized], pad_id: int, multiple: int = PAD_MULTIPLE, d
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
+    weighted = any(t.weights for t in items)
+    weights = torch.ones((len(items), width), dtype=torch.float32) if weighted else None
     for row, t in enumerate(items):  # right padding; labels by position, never by pad id
         n = len(t.input_ids)
         ids[row, :n] = torch.tensor(t.input_ids)
         labels[row, :n] = torch.tensor(t.labels)
         mask[row, :n] = 1
+        if weighted and t.weights:
+            weights[row, :n] = torch.tensor(t.weights)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if weighted:
+        batch["weights"] = weights
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
@@ -124,14 +153,16 @@ def _head_ce():
 
     The head is frozen, so its only gradient is the one w.r.t. the hidden states: computing it
     chunk by chunk in the forward pass means the (rows × vocabulary) logits never exist whole
-    and nothing vocabulary-sized is kept for backward. Same FLOPs as the plain head + CE."""
+    and nothing vocabulary-sized is kept for backward. Same FLOPs as the plain head + CE.
+    Returns (Σ token_weight × CE, Σ CE); only the first has a gradient."""
     import torch
 
     class HeadCE(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, h, weight, bias, wanted, softcap):
+        def forward(ctx, h, weight, bias, wanted, softcap, token_weight):
             h = h.detach().to(weight.dtype)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
+            plain = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
             for s in range(0, h.shape[0], HEAD_CHUNK_ROWS):
                 z = h[s:s + HEAD_CHUNK_ROWS] @ weight.t()
@@ -146,29 +177,34 @@ def _head_ce():
                 valid = w != IGNORE
                 target = torch.where(valid, w, 0)
                 lse = torch.logsumexp(z, dim=-1)
-                total += ((lse - z.gather(1, target[:, None]).squeeze(1)) * valid).sum()
+                ce = (lse - z.gather(1, target[:, None]).squeeze(1)) * valid
+                scale = valid if token_weight is None else valid * token_weight[s:s + HEAD_CHUNK_ROWS]
+                plain += ce.sum()
+                total += (ce * scale).sum() if token_weight is not None else ce.sum()
                 if grad_h is not None:
                     g = z.sub_(lse[:, None]).exp_()  # softmax in place; d CE / d logits = softmax - onehot
                     g[torch.arange(g.shape[0], device=g.device), target] -= 1
-                    g *= valid[:, None]
+                    g *= scale[:, None]
                     if capped is not None:
                         g *= 1 - capped * capped
                     grad_h[s:s + HEAD_CHUNK_ROWS] = g.to(weight.dtype) @ weight
             if grad_h is not None:
                 ctx.save_for_backward(grad_h)
             ctx.h_dtype = h.dtype
-            return total
+            ctx.mark_non_differentiable(plain)
+            return total, plain
 
         @staticmethod
-        def backward(ctx, grad_total):
+        def backward(ctx, grad_total, _grad_plain):
             (grad_h,) = ctx.saved_tensors
-            return (grad_h * grad_total).to(ctx.h_dtype), None, None, None, None
+            return (grad_h * grad_total).to(ctx.h_dtype), None, None, None, None, None
 
     return HeadCE
 
 
 def answer_loss_module(peft_model):
-    """Wrap the model so that forward returns (summed CE, answer-token count).
+    """Wrap the model so that forward returns (summed CE, answer-token count); with per-token
+    `weights` (train.fact_weight) (weighted sum, count, plain sum) — the plain sum is what is logged.
 
     The output layer runs only at answer positions, in chunks. For Gemma-3 (262k vocabulary)
     the full logits are most of the compute and memory of a step; the prompt positions' logits
@@ -192,18 +228,25 @@ def answer_loss_module(peft_model):
             self.chunked = (type(self.head) is torch.nn.Linear and weight is not None and weight.dim() == 2
                             and weight.is_floating_point() and not weight.requires_grad)
 
-        def forward(self, input_ids, attention_mask, labels):
+        def forward(self, input_ids, attention_mask, labels, weights=None):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             # position t predicts token t+1
             targets = labels[:, 1:]
             keep = targets != IGNORE
             h, wanted = hidden[:, :-1][keep], targets[keep]
+            token_weight = weights[:, 1:][keep].float() if weights is not None else None
             if self.chunked:
-                return head_ce.apply(h, self.head.weight, self.head.bias, wanted, self.softcap), keep.sum()
-            logits = self.head(h).float()
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            return torch.nn.functional.cross_entropy(logits, wanted, ignore_index=IGNORE, reduction="sum"), keep.sum()
+                total, plain = head_ce.apply(h, self.head.weight, self.head.bias, wanted, self.softcap, token_weight)
+            else:
+                logits = self.head(h).float()
+                if self.softcap:
+                    logits = torch.tanh(logits / self.softcap) * self.softcap
+                ce = torch.nn.functional.cross_entropy(logits, wanted, reduction="none")
+                plain = ce.sum()
+                total = (ce * token_weight).sum() if token_weight is not None else plain
+            if token_weight is None:
+                return total, keep.sum()
+            return total, keep.sum(), plain.detach()
 
     return AnswerLoss(peft_model)
 
@@ -452,6 +495,10 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
     say = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
     set_seed(cfg.train.seed)
 
+    if not cfg.train.fact_weight > 0:
+        raise KoloraError(f"train.fact_weight must be positive (got {cfg.train.fact_weight})",
+                          "1 trains with the plain loss; 2-4 weights the facts' tokens more")
+
     # 2. data -----------------------------------------------------------------------------
     splits, data_report = load_splits(cfg)  # before the model: a data mistake fails in a second
     for line in data_report:
@@ -460,7 +507,8 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
     tokenizer = load_tokenizer(src, cfg.model.trust_remote_code)
     tokenized, dropped = {}, {}
     for name in SPLITS:
-        tokenized[name], splits[name], dropped[name] = tokenize_split(tokenizer, splits[name], cfg)
+        weight = cfg.train.fact_weight if name == "train" else 1.0
+        tokenized[name], splits[name], dropped[name] = tokenize_split(tokenizer, splits[name], cfg, weight)
     n_dropped = sum(len(v) for v in dropped.values())
     if n_dropped:
         say(f"dropped {n_dropped} rows longer than data.max_length={cfg.data.max_length} tokens "
@@ -471,6 +519,10 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
         say("  " + line)
 
     train_data = tokenized["train"]
+    if cfg.train.fact_weight != 1:
+        weighted, answer_tokens = fact_token_share(train_data)
+        say(f"train.fact_weight {cfg.train.fact_weight:g}: {weighted:,} of {answer_tokens:,} answer tokens "
+            f"({100 * weighted / max(answer_tokens, 1):.1f}%) state a fact (statute reference, period, amount, …)")
     sampler = LengthGroupedBatches([len(t.input_ids) for t in train_data], cfg.train.batch_size, cfg.train.seed)
     # Its own generator: creating an iterator must not draw from the global RNG (dropout's),
     # or a resumed run would see different dropout masks than the uninterrupted one.
@@ -532,6 +584,8 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
                     "lora": ckpt.lora_shape(cfg, targets), "data": ckpt.data_fingerprint(train_data),
                     "data_path": ", ".join([cfg.data.path] + list(cfg.data.train_only or [])), "train_rows": len(train_data),
                     "batching": [cfg.train.batch_size, cfg.train.grad_accum, accelerator.num_processes]}
+    if cfg.train.fact_weight != 1:  # only when set, so checkpoints from before the key still resume
+        fingerprints["fact_weight"] = cfg.train.fact_weight
 
     # 4. optimizer + schedule -------------------------------------------------------------
     params = [p for p in loss_model.parameters() if p.requires_grad]
@@ -644,14 +698,16 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
                 sync = i == len(window) - 1
                 ctx = accelerator.no_sync(loss_model) if not sync else contextlib.nullcontext()
                 with ctx, accelerator.autocast():
-                    loss_sum, _ = loss_model(**batch)
-                    loss = loss_sum / max(norm_tokens, 1)  # token-weighted mean over the whole window
+                    out = loss_model(**batch)
+                    loss = out[0] / max(norm_tokens, 1)  # token-weighted mean over the whole window
+                    # with train.fact_weight the update follows the weighted loss; the plain one is logged
+                    shown = out[2] / max(norm_tokens, 1) if len(out) > 2 else loss
                     if faults.hit("nan-at-step", state["step"] + 1):
-                        loss = loss * float("nan")
+                        loss, shown = loss * float("nan"), shown * float("nan")
                     if faults.hit("oom-at-step", state["step"] + 1):
                         raise torch.OutOfMemoryError("CUDA out of memory (injected by KOLORA_FAULTS)")
                 accelerator.backward(loss)
-                step_loss += float(loss.detach())
+                step_loss += float(shown.detach())
                 state["tokens"] += int(batch["attention_mask"].sum())
                 faults("micro", state["micro_step"] + i + 1)
                 if stop.requested and not sync and accelerator.num_processes == 1:
