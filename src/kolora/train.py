@@ -136,7 +136,7 @@ def collate(items: list[Tokenized], pad_id: int, multiple: int = PAD_MULTIPLE, d
         ids[row, :n] = torch.tensor(t.input_ids)
         labels[row, :n] = torch.tensor(t.labels)
         mask[row, :n] = 1
-        if weighted and t.weights:
+        if t.weights:
             weights[row, :n] = torch.tensor(t.weights)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if weighted:
@@ -180,7 +180,7 @@ def _head_ce():
                 ce = (lse - z.gather(1, target[:, None]).squeeze(1)) * valid
                 scale = valid if token_weight is None else valid * token_weight[s:s + HEAD_CHUNK_ROWS]
                 plain += ce.sum()
-                total += (ce * scale).sum() if token_weight is not None else ce.sum()
+                total += (ce * scale).sum()  # = plain without weights (ce is already 0 off the answer)
                 if grad_h is not None:
                     g = z.sub_(lse[:, None]).exp_()  # softmax in place; d CE / d logits = softmax - onehot
                     g[torch.arange(g.shape[0], device=g.device), target] -= 1
