@@ -19,7 +19,7 @@ FLOPS_FORMULA = (
     "gradients; N_body = parameters without the embedding) + 6·N_lora (adapters also get weight gradients) "
     "+ 12·layers·seq·heads·head_dim (attention scores and values: 4·L·s·d forward, twice that backward, s = "
     "mean training sequence length); plus 4·V·d per answer token for the output layer (forward + input "
-    "gradient, computed at answer positions only). kolora.estimate.train_flops; the same token counts for "
+    "gradient, computed at answer positions only). kolora.device.train_flops; the same token counts for "
     "both trainers, so MFU differs only by time."
 )
 
@@ -28,7 +28,7 @@ FLOPS_FORMULA = (
 class Plan:
     """Micro-batches (lists of row indices into `rows`) in the order kolora's loop consumes them."""
 
-    rows: list  # kolora.train.Tokenized, in train.jsonl order
+    rows: list  # kolora.batching.Tokenized, in train.jsonl order
     batches: list[list[int]]
     batch_size: int
     grad_accum: int
@@ -55,11 +55,11 @@ def load_plan(run_dir: Path, steps: int) -> tuple[Plan, object, object]:
     """Rebuild kolora's training rows and micro-batch order from its run directory.
 
     Returns (plan, run config, tokenizer)."""
+    from kolora.batching import LengthGroupedBatches, Tokenized
     from kolora.data import read_jsonl
     from kolora.models import load_tokenizer, resolve
     from kolora.prompt import encode_example
     from kolora.runs import Run
-    from kolora.train import LengthGroupedBatches, Tokenized
 
     run = Run(Path(run_dir))
     cfg = run.config()

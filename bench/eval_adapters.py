@@ -2,7 +2,7 @@
 
     python bench/eval_adapters.py --kolora-run RUN --adapter kolora=RUN/adapter --adapter trl=DIR/adapter --out F
 
-Every adapter is scored by kolora's own answer-only loss (`kolora.train.answer_loss_module`:
+Every adapter is scored by kolora's own answer-only loss (`kolora.loss.answer_loss_module`:
 mean cross entropy over answer tokens + EOS) on the validation split kolora wrote, one row at
 a time (no padding), with float32 base weights and no autocast, so the numbers do not depend
 on either trainer's precision choices. Also scores the base model (adapters disabled) and the
@@ -28,11 +28,12 @@ def main() -> int:
     import torch
     from peft import PeftModel
 
+    from kolora.batching import Tokenized, collate
     from kolora.data import read_jsonl
+    from kolora.loss import answer_loss_module
     from kolora.models import load_model, resolve
     from kolora.prompt import encode_example
     from kolora.runs import Run
-    from kolora.train import Tokenized, answer_loss_module, collate
 
     run = Run(Path(args.kolora_run))
     cfg = run.config()

@@ -44,11 +44,12 @@ def build(model: str, overrides: list[str]):
     import torch
     from accelerate import Accelerator
 
+    from kolora.batching import LengthGroupedBatches, tokenize_split
     from kolora.config import load_yaml, parse_scalar
     from kolora.data import load_examples, split_examples
-    from kolora.models import load_model, load_tokenizer, resolve
-    from kolora.train import (LengthGroupedBatches, answer_loss_module, attach_lora, base_dtype, resolve_precision,
-                              tokenize_split)
+    from kolora.device import choose_precision
+    from kolora.loss import answer_loss_module
+    from kolora.models import attach_lora, load_model, load_tokenizer, resolve
 
     cfg = load_yaml(ROOT / "configs" / f"{model}.yaml")
     for item in overrides:
@@ -56,14 +57,15 @@ def build(model: str, overrides: list[str]):
         cfg.set(key, parse_scalar(value))
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    precision = resolve_precision(cfg.train.mixed_precision, False)
+    chosen = choose_precision(cfg.train.mixed_precision, cfg.model.dtype, cuda=False)
+    precision = chosen.mixed
     accelerator = Accelerator(mixed_precision=precision, cpu=True)
     torch.manual_seed(cfg.train.seed)
     src = resolve(cfg.model.name)
     tokenizer = load_tokenizer(src)
     examples, _ = load_examples(str(ROOT / cfg.data.path) if not Path(cfg.data.path).is_absolute() else cfg.data.path)
     train_rows, _, _ = tokenize_split(tokenizer, split_examples(examples, cfg.data.split, cfg.data.seed)["train"], cfg)
-    model_ = load_model(src, base_dtype(cfg, precision))
+    model_ = load_model(src, chosen.weights)
     if cfg.train.gradient_checkpointing:
         model_.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model_.enable_input_require_grads()
@@ -80,10 +82,9 @@ def build(model: str, overrides: list[str]):
 
 def step_fn(env):
     """One optimizer step of kolora's loop, with a wall-clock split by phase."""
-    import torch
 
+    from kolora.batching import collate
     from kolora.prompt import IGNORE
-    from kolora.train import collate
 
     acc, cfg, loss_model, optimizer = env["accelerator"], env["cfg"], env["loss_model"], env["optimizer"]
     batches = iter(env["batches"] * 10)
@@ -153,8 +154,8 @@ def categorize(name: str, shapes, vocab: int, r: int) -> str:
 
 
 def profile(env, steps: int, one_step) -> dict:
-    import torch
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
 
     config = env["peft_model"].get_base_model().config
     vocab = config.vocab_size

@@ -26,8 +26,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from common import (FLOPS_FORMULA, load_plan, measured_window, meta_model, read_json, run_measured,  # noqa: E402
-                    wait_until_quiet)
+from common import FLOPS_FORMULA, load_plan, measured_window, meta_model, read_json, run_measured, wait_until_quiet  # noqa: E402
 
 TARGETS = {"answer_speedup": 2.0, "rss_ratio": 0.7, "mfu": 0.5}
 
@@ -148,7 +147,7 @@ def check(result: dict, what: str, log: Path) -> None:
 
 
 def bench_model(model: str, args, peaks: dict) -> dict:
-    from kolora.estimate import train_flops
+    from kolora.device import train_flops
 
     work = Path(args.work) / model
     work.mkdir(parents=True, exist_ok=True)
@@ -232,7 +231,7 @@ def bench_model(model: str, args, peaks: dict) -> dict:
 
 def padding_share(plan, measured_steps: int, steps: int, multiple: int | None) -> float:
     """Share of the padded micro-batch positions that are padding, over the measured steps."""
-    from kolora.train import PAD_MULTIPLE
+    from kolora.batching import PAD_MULTIPLE
 
     multiple = multiple or PAD_MULTIPLE
     padded = real = 0
@@ -267,14 +266,14 @@ def table(results: dict) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.chdir(ROOT)
-    from kolora.estimate import matmul_peak_gflops
+    from kolora.device import matmul_peak_gflops
 
     t0 = time.time()
     results = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), **git_state(), "tag": args.tag,
                "args": {k: v for k, v in vars(args).items() if k not in ("work", "results")},
                "machine": machine(), "flops_formula": FLOPS_FORMULA,
                "mfu_definition": "achieved FLOP/s (formula above, measured steps only) ÷ matmul peak measured in this run "
-                                 "in the compute dtype (kolora.estimate.matmul_peak_gflops: 1024×1024 matmuls for 1 s)",
+                                 "in the compute dtype (kolora.device.matmul_peak_gflops: 1024×1024 matmuls for 1 s)",
                "timing_definition": f"wall time from the end of optimizer step {args.warmup_steps} to the end of the last "
                                     "step; tokens = non-pad tokens of those steps, answer tokens = supervised (label) tokens",
                "models": {}}

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from kolora.cli import build_config, build_parser
-from kolora.config import RunConfig, load_yaml, parse_scalar
+from kolora.cli import build_parser
+from kolora.config import RunConfig, build_config, load_yaml, parse_scalar
 from kolora.errors import KoloraError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,17 @@ import pytest
 from conftest import run_cli
 
 from kolora.config import RunConfig
-from kolora.estimate import (HEAP_RETENTION, ActivationProfile, Setting, _saved_bytes, advise, model_facts,
-                             parse_device, probe_activations, weight_bytes)
+from kolora.estimator import (
+    HEAP_RETENTION,
+    ActivationProfile,
+    Setting,
+    _saved_bytes,
+    advise,
+    model_facts,
+    parse_device,
+    probe_activations,
+    weight_bytes,
+)
 
 GiB = 2**30
 

@@ -8,10 +8,22 @@ import re
 import pytest
 from conftest import DATA, TINY_TRAIN, run_cli
 
-from kolora.evaluate import (aggregate, answer_metrics, bleu, chrf, distinct_n, extract_facts, fact_recall, find_loop,
-                             health_warnings, lcs_length, regression_order, rouge_l, sentence_bleu, statute_refs, verdict,
-                             won)
+from kolora.evaluate import regression_order
+from kolora.facts import extract_facts, fact_recall, statute_refs, won
 from kolora.html_report import render_report
+from kolora.metrics import (
+    aggregate,
+    answer_metrics,
+    bleu,
+    chrf,
+    distinct_n,
+    find_loop,
+    health_warnings,
+    lcs_length,
+    rouge_l,
+    sentence_bleu,
+    verdict,
+)
 
 # ----------------------------------------------------------------------------- facts
 
@@ -128,7 +140,7 @@ def test_aggregate_is_token_weighted_and_micro_averaged():
 
 
 def test_health_warnings_name_the_likely_cause():
-    from kolora.chat import GenConfig
+    from kolora.generation import GenConfig
 
     gen = GenConfig(max_new_tokens=64, repetition_penalty=1.0)
     rows = [{"eos": False, "loop": None, "answer_tokens": 20}, {"eos": True, "loop": "가 나 다 라", "answer_tokens": 20}]
@@ -301,10 +313,9 @@ def test_eval_mistakes_are_one_line_errors(tiny_run, tmp_path):
 def test_health_check_warns_about_a_model_that_does_not_stop(tiny_models):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kolora.chat import GenConfig
     from kolora.config import RunConfig
     from kolora.data import Example
-    from kolora.evaluate import health_check
+    from kolora.generation import GenConfig, health_check
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma3"])
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["gemma3"])
@@ -358,7 +369,7 @@ def test_fact_extraction_is_linear_on_long_number_runs():
 
 
 def test_fact_spans_cover_exactly_what_fact_recall_reads():
-    from kolora.evaluate import fact_spans
+    from kolora.facts import fact_spans
 
     text = "민법 제303조 제1항, 같은 조 제2호. 6개월 안에 1억 원의 20분의 1(5%)과 1할, 2회. 101호실"
     spans = fact_spans(text)

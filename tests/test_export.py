@@ -172,7 +172,7 @@ def test_modelfile_template_renders_the_training_prompt_in_go(tmp_path, chat_tem
     go = shutil.which("go")
     if go is None:
         pytest.skip("Go is not installed (Debian: apt-get install golang-go); Ollama templates are Go templates")
-    from kolora.chat import GenConfig
+    from kolora.generation import GenConfig
 
     tok = make_tokenizer(chat_template=chat_template)
     cfg = config(system_prompt)
@@ -206,7 +206,7 @@ def gguf_matches_adapter(run: Path, gguf: Path, cfg_tolerance: float) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kolora.chat import load_tuned
+    from kolora.generation import load_tuned
     from kolora.runs import open_run
 
     run_obj = open_run(str(run))

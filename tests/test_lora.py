@@ -4,10 +4,11 @@ import pytest
 import torch
 from conftest import ARCHS
 
+from kolora.batching import Tokenized, collate
 from kolora.config import RunConfig
 from kolora.data import Example
-from kolora.models import ModelSource, load_model, load_tokenizer, target_modules
-from kolora.train import answer_loss_module, attach_lora, collate, Tokenized
+from kolora.loss import answer_loss_module
+from kolora.models import ModelSource, attach_lora, load_model, load_tokenizer, target_modules
 from kolora.prompt import encode_example
 
 EXPECTED = {
@@ -93,9 +94,9 @@ def test_only_adapter_weights_change_and_invariants_hold(tiny_models, arch, tmp_
 def test_chunked_head_matches_full_logits_loss_and_gradients(tiny_models, arch, monkeypatch, softcap):
     """The output layer + CE runs in row chunks with its gradient computed in forward; loss and
     every LoRA gradient must equal plain full-logits cross entropy (and Phi's head has a bias)."""
-    import kolora.train as train_module
+    import kolora.loss as loss_module
 
-    monkeypatch.setattr(train_module, "HEAD_CHUNK_ROWS", 3)  # several chunks and a ragged last one
+    monkeypatch.setattr(loss_module, "HEAD_CHUNK_ROWS", 3)  # several chunks and a ragged last one
     torch.manual_seed(0)
     tok, model, _, batch = setup(tiny_models[arch], arch)
     for n, p in model.named_parameters():
@@ -129,10 +130,10 @@ def test_chunked_head_matches_full_logits_loss_and_gradients(tiny_models, arch, 
 def test_fact_weighted_loss_and_gradients_match_weighted_cross_entropy(tiny_models, arch, chunked, monkeypatch):
     """train.fact_weight: the loss that is backpropagated is Σ w·CE (chunked head and plain head
     alike, gradients included); the plain Σ CE comes back beside it for logging."""
-    import kolora.train as train_module
-    from kolora.train import fact_weights
+    import kolora.loss as loss_module
+    from kolora.batching import fact_weights
 
-    monkeypatch.setattr(train_module, "HEAD_CHUNK_ROWS", 3)
+    monkeypatch.setattr(loss_module, "HEAD_CHUNK_ROWS", 3)
     torch.manual_seed(0)
     tok, model, _, _ = setup(tiny_models[arch], arch)
     for n, p in model.named_parameters():
@@ -169,7 +170,7 @@ def test_fact_weighted_loss_and_gradients_match_weighted_cross_entropy(tiny_mode
 
 
 def test_fact_token_mask_marks_the_facts_and_nothing_else(tiny_models):
-    from kolora.prompt import fact_token_mask
+    from kolora.batching import fact_token_mask
 
     tok = load_tokenizer(ModelSource("llama", str(tiny_models["llama"]), "local"))
     answer = "민법 제303조 제1항에 따라 6개월 안에 보증금의 20분의 1을 돌려받아요."
@@ -196,7 +197,7 @@ def test_validation_loss_batches_go_to_the_model_device():
 
     import torch
 
-    from kolora.train import evaluate_loss
+    from kolora.loss import evaluate_loss
 
     class Probe(torch.nn.Module):
         def __init__(self):

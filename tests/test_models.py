@@ -50,6 +50,11 @@ def test_local_directory_without_config(tmp_path):
         resolve(str(tmp_path))
 
 
-def test_presets_have_checksums():
+def test_preset_checksums_match_the_bundled_files():
+    """Each preset's pinned sha256 is the hash of the GGUF its package ships (make install
+    installs both), so a corrupted or swapped file cannot pass as the preset."""
+    from kolora.models import _sha256
+
     for preset in PRESETS.values():
-        assert len(preset.sha256) == 64
+        path = preset.locate()
+        assert _sha256(path) == preset.sha256, f"{preset.name}: {path} does not hash to the pinned sha256"

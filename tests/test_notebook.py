@@ -4,7 +4,6 @@ The kernel is this interpreter (a kernelspec written to a temporary JUPYTER_PATH
 `python -m ipykernel install` is needed and the notebook sees the same kolora as the tests.
 """
 
-import importlib.util
 import json
 import sys
 
@@ -84,8 +83,6 @@ def test_prepare_estimate_train_chat_run_in_the_notebook(executed):
 
 
 def test_eval_runs_in_the_notebook(executed):
-    if importlib.util.find_spec("kolora.evaluate") is None:
-        pytest.skip("kolora.evaluate (kolora eval) is not in this checkout yet; the notebook cell prints a notice")
     nb, run = executed
     assert "$ kolora eval" in outputs(nb, '"eval"')
     assert (run / "eval" / "report.html").is_file()

@@ -87,7 +87,8 @@ def test_models_lists_the_run(client, server):
 
 def test_answers_like_kolora_chat(client, server):
     """Same prompt format and decoding as `kolora chat`: greedy answers are identical."""
-    from kolora.chat import GenConfig, answer, load_tuned
+    from kolora.data import Example
+    from kolora.generation import GenConfig, generate_batched, load_tuned
     from kolora.runs import open_run
 
     reply = ask(client, server)
@@ -99,7 +100,8 @@ def test_answers_like_kolora_chat(client, server):
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
     model, tokenizer, cfg = load_tuned(open_run(str(server.run)))
-    texts, _ = answer(model, tokenizer, cfg, [QUESTION], GenConfig(max_new_tokens=DEFAULT_TOKENS))
+    rows, _ = generate_batched(model, tokenizer, cfg, [Example(QUESTION, "")], GenConfig(max_new_tokens=DEFAULT_TOKENS))
+    texts = [r.text for r in rows]
     assert choice.message.content == texts[0]
 
 
@@ -202,7 +204,7 @@ def test_api_key_is_enforced(server):
     """In-process app with a stub model: the key check comes before any generation."""
     from fastapi.testclient import TestClient
 
-    from kolora.chat import GenConfig
+    from kolora.generation import GenConfig
     from kolora.serve import State, create_app
 
     cfg = SimpleNamespace(model=SimpleNamespace(name="stub"), data=SimpleNamespace(system_prompt=None,

@@ -14,12 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def loss_and_grads(lever: str, softcap, seed: int = 0):
+    import levers
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     import kolora.train as t
-    import levers
 
     importlib.reload(t)
     if lever:

@@ -26,10 +26,10 @@ from pathlib import Path
 
 from . import __version__
 from .errors import KoloraError
+from .models import PICKLE_SUFFIXES
 
 FORMAT = "kolora-checkpoint/1"
 MANIFEST = "kolora-checkpoint.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -281,3 +281,15 @@ def load(ckpt: Path, *, peft_model, optimizer, scheduler, rank: int) -> tuple[di
         random.setstate((py[0], tuple(py[1]), py[2]))
     grads = load_file(ckpt / "grads.safetensors") if (ckpt / "grads.safetensors").is_file() else None
     return state, grads
+
+
+def save_adapter_atomically(peft_model, target: Path) -> None:
+    tmp = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(tmp)
+    old = target.with_name(f".old-{target.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)

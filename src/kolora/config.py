@@ -7,8 +7,9 @@ any of them.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +259,46 @@ def from_dict(data: dict) -> RunConfig:
 def save_yaml(cfg: RunConfig, path: Path, header: str = "") -> None:
     text = yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False)
     path.write_text(header + text, encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- command-line flags
+# Every config key is a flag (`--train.lr 1e-4`), derived from the dataclasses above: the field's
+# help is the flag's help, so the CLI and the config file can never disagree.
+ALIASES = {  # short flags for the keys people set most
+    "--model": "model.name", "--data": "data.path", "--out": "train.output_dir",
+    "--epochs": "train.epochs", "--max-steps": "train.max_steps", "--lr": "train.lr",
+    "--max-length": "data.max_length", "--r": "lora.r",
+}
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML preset (see configs/); flags below override it")
+    for alias, key in ALIASES.items():
+        p.add_argument(alias, dest=f"cfg:{key}", default=argparse.SUPPRESS, metavar="V", help=f"= --{key}")
+    for section, cls in SECTIONS.items():
+        group = p.add_argument_group(section)
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else f.default_factory()
+            group.add_argument(f"--{section}.{f.name}", dest=f"cfg:{section}.{f.name}", default=argparse.SUPPRESS,
+                               metavar="V", help=f"{f.metadata.get('help', '')} [default: {default}]".replace("%", "%%"))
+
+
+def flag_value(key: str, text: str):
+    """Text fields stay text ('no', '1.0', a Korean prompt); other fields parse like YAML."""
+    section, name = key.split(".", 1)
+    kind = {f.name: str(f.type) for f in fields(SECTIONS[section])}[name]
+    return text if kind.startswith("str") else parse_scalar(text)
+
+
+def apply_flags(cfg: RunConfig, args, allowed: tuple[str, ...] | None = None) -> RunConfig:
+    for dest, value in vars(args).items():
+        if dest.startswith("cfg:"):
+            key = dest[4:]
+            if allowed is not None and key not in allowed:
+                raise KoloraError(f"--{key} cannot change when resuming", f"only {', '.join('--' + k for k in allowed)} can")
+            cfg.set(key, flag_value(key, value), source=f"--{key}")
+    return cfg
+
+
+def build_config(args) -> RunConfig:
+    return apply_flags(load_yaml(args.config) if getattr(args, "config", None) else RunConfig(), args)

@@ -176,7 +176,7 @@ def modelfile(gguf_name: str, kind: str, run_tokenizer, cfg, gen) -> tuple[str, 
 
     system = cfg.data.system_prompt
     stops = [run_tokenizer.eos_token]
-    lines = [f"# Ollama: ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_name}"]
+    lines = ["# Ollama: ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_name}"]
     if kind == "kolora-fallback":
         lines.append("TEMPLATE " + _go_string(FALLBACK_GO.replace("Q_MARK", Q_MARK).replace("A_MARK", A_MARK)))
         stops.append(Q_MARK)  # a model that forgets EOS would write the next question itself
@@ -370,9 +370,9 @@ def export(run_path: str, out: str, quant: str = "q8_0", force: bool = False, ke
            check: bool = True) -> dict:
     from transformers import AutoTokenizer
 
-    from .chat import GenConfig
     from .data import read_jsonl
-    from .merge import merge
+    from .generation import GenConfig
+    from .merging import merge
     from .runs import open_run
 
     if quant not in TOLERANCE:

@@ -17,6 +17,8 @@ from typing import Callable
 from .errors import KoloraError, nearest
 
 MARKER = "kolora-model.json"  # written next to every converted model
+# Files whose loading runs code (pickle): kolora never loads them, from a model, a run or a checkpoint.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
 def cache_root() -> Path:
@@ -225,7 +227,6 @@ def torch_dtype(name: str):
 def load_model(src: ModelSource, dtype: str = "float32", quantization: str = "none",
                trust_remote_code: bool = False, device=None):
     """Load a causal LM for training or inference. quantization: none | 4bit | 8bit."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     refuse_pickle_weights(src)
@@ -254,7 +255,7 @@ def refuse_pickle_weights(src: ModelSource) -> None:
         return
     if any(p.glob("*.safetensors")):
         return
-    pickles = sorted(f.name for f in p.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+    pickles = sorted(f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise KoloraError(f"model {src.name} has only pickle-based weights ({pickles[0]}); kolora loads safetensors only",
                           "convert once if you trust its author: AutoModelForCausalLM.from_pretrained(DIR)"
@@ -376,3 +377,15 @@ def inspect_model(name: str, r: int = 16, trust_remote_code: bool = False) -> st
     lines.append(f"suggested LoRA targets: {','.join(targets)}")
     lines.append(f"LoRA r={r}: {lora / 1e6:.2f} M trainable parameters = {100 * lora / n_params:.2f}% of the model")
     return "\n".join(lines)
+
+
+def attach_lora(model, cfg):
+    """A peft LoRA adapter on the resolved target modules: (peft model, targets)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = target_modules(model, cfg.lora.target_modules)
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=targets, use_rslora=cfg.lora.use_rslora, use_dora=cfg.lora.use_dora,
+                      fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2's Conv1D stores W transposed
+                      bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora), targets

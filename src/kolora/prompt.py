@@ -22,7 +22,6 @@ is its EOS, and masking it would teach the model never to stop).
 from __future__ import annotations
 
 from .data import Example
-from .errors import KoloraError
 
 IGNORE = -100
 Q_MARK, A_MARK = "### 질문:", "### 답변:"
@@ -60,21 +59,3 @@ def encode_example(tokenizer, ex: Example, system_prompt: str | None = None,
     prompt = encode_prompt(tokenizer, ex, system_prompt, template)
     answer = tokenizer(ex.answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     return prompt + answer, [IGNORE] * len(prompt) + answer
-
-
-def fact_token_mask(tokenizer, answer: str, n_tokens: int) -> list[bool]:
-    """For each of the answer's `n_tokens` tokens (its EOS included): does it overlap a fact
-    (`kolora.evaluate.fact_spans`: statute reference, period, amount, …)? Needs the character
-    offsets of a fast tokenizer."""
-    from .evaluate import fact_spans
-
-    if not getattr(tokenizer, "is_fast", False):
-        raise KoloraError("train.fact_weight needs a fast tokenizer (one with character offsets)",
-                          "set --train.fact_weight 1, or use a model whose tokenizer.json loads")
-    enc = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
-    spans = fact_spans(answer)
-    mask = [any(s < e_tok and s_tok < e for s, e in spans) for s_tok, e_tok in enc["offset_mapping"]]
-    if len(mask) != n_tokens - 1:  # -1: the EOS, never a fact
-        raise KoloraError(f"the tokenizer gave {len(mask)} answer tokens with offsets but {n_tokens - 1} without",
-                          "set --train.fact_weight 1 for this model")
-    return mask + [False]

@@ -14,11 +14,14 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as config_mod
 from .errors import KoloraError
+from .models import PICKLE_SUFFIXES
 
 
 @dataclass
@@ -79,9 +82,6 @@ def open_run(path: str, need_adapter: bool = True) -> Run:
     return run
 
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
 def check_inside(run: Run) -> None:
     """A run's parts must live inside it (no symlink to elsewhere) and hold no pickles: loading a
     pickle runs whatever code it contains, so an adapter or run copied from a stranger could."""
@@ -97,3 +97,21 @@ def check_inside(run: Run) -> None:
                     raise KoloraError(f"{f} is a pickle-based file; kolora loads weights only as safetensors",
                                       "remove it (a kolora adapter is adapter_model.safetensors), or convert it "
                                       "with safetensors if you trust its author")
+
+
+def default_output_dir(model_name: str) -> str:
+    stem = Path(model_name).name.replace(".gguf", "") or "model"
+    return str(Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def truncate_metrics(path: Path, last_step: int) -> int:
+    """Drop events logged after the checkpoint we resume from (they will be logged again), so
+    metrics.jsonl reads as one uninterrupted run. Returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(lines) - len(keep)

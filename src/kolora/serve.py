@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import KoloraError
+from .generation import add_gen_flags, gen_config, generate_details, load_tuned
+from .runs import open_run
 
 HELP = "serve a run: OpenAI-compatible /v1/chat/completions and a web chat page"
 
@@ -35,8 +37,6 @@ PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
 
 
 def add_arguments(p) -> None:
-    from .cli import add_gen_flags
-
     p.add_argument("run", help="run directory written by `kolora train`")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
@@ -50,9 +50,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .cli import gen_config
-    from .runs import open_run
-
     if not 0 < args.port < 65536:
         raise KoloraError(f"--port {args.port} is not a TCP port", "use 1-65535")
     if args.max_tokens_cap < 1 or args.max_body_bytes < 1024:
@@ -71,7 +68,7 @@ class State:
     model: object
     tokenizer: object
     cfg: object
-    defaults: object  # chat.GenConfig for fields a request leaves out
+    defaults: object  # generation.GenConfig for fields a request leaves out
     max_tokens_cap: int
     max_body_bytes: int
     api_key: str | None = None
@@ -81,8 +78,6 @@ class State:
 
 
 def load_state(run_dir, defaults, max_tokens_cap=MAX_TOKENS_CAP, max_body_bytes=MAX_BODY_BYTES, api_key=None) -> State:
-    from .chat import load_tuned
-
     print(f"[kolora] loading {run_dir.path} …", file=sys.stderr, flush=True)
     model, tokenizer, cfg = load_tuned(run_dir)
     config = model.config
@@ -147,7 +142,7 @@ def parse_request(raw: bytes, state: State):
     if req.n not in (None, 1):
         raise ApiError(400, "only n=1 is supported", param="n")
     ex = to_example(req.messages)
-    gen = gen_config(req, state)
+    gen = request_gen(req, state)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     include_usage = bool(req.stream_options and req.stream_options.get("include_usage"))
     return ex, gen, [s for s in stop if s], bool(req.stream), include_usage
@@ -185,18 +180,12 @@ def to_example(messages):
     return Example(turns[-1]["content"], "", history=turns[:-1], system="\n\n".join(systems) or None)
 
 
-def gen_config(req, state: State):
-    from .chat import GenConfig
-
-    d = state.defaults
-    wanted = req.max_completion_tokens or req.max_tokens or d.max_new_tokens
-    return GenConfig(
-        max_new_tokens=min(wanted, state.max_tokens_cap),
-        temperature=d.temperature if req.temperature is None else req.temperature,
-        top_p=d.top_p if req.top_p is None else req.top_p,
-        repetition_penalty=d.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,
-        seed=d.seed if req.seed is None else req.seed,
-    )
+def request_gen(req, state: State):
+    """The request's generation settings; what it leaves out comes from the server's defaults."""
+    wanted = req.max_completion_tokens or req.max_tokens or state.defaults.max_new_tokens
+    return gen_config({"max_new_tokens": min(wanted, state.max_tokens_cap), "temperature": req.temperature,
+                       "top_p": req.top_p, "repetition_penalty": req.repetition_penalty, "seed": req.seed},
+                      state.defaults)
 
 
 @functools.cache
@@ -265,8 +254,6 @@ class Job:
         self.thread.start()
 
     def _work(self) -> None:
-        from .chat import generate_details
-
         try:
             with self.state.lock:
                 if not self.cancel.is_set():

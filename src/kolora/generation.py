@@ -1,0 +1,184 @@
+"""The one generation path: chat, eval, serve, export and training's health check all answer
+through it.
+
+- `GenConfig` and `gen_config`, the one builder, from flags or from a request's fields;
+- loading a run (base + adapter) or a plain model for answering, in the inference precision;
+- `generate_details`: batched generation, left-padded prompts, KV cache, cut at the first EOS;
+- `generate_batched`: examples → prompts in the training format → answers, batches of similar
+  length (less padding), optionally with the adapter disabled (the base model);
+- `health_check`: do freshly trained answers stop and not loop?
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from .data import Example
+from .device import inference_dtype
+from .errors import KoloraError
+from .metrics import find_loop, health_warnings
+from .models import load_model, resolve
+from .prompt import encode_prompt
+from .runs import Run
+
+
+@dataclass
+class GenConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy (deterministic)
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    seed: int = 0
+
+
+GEN_FLAGS = {  # flag -> (GenConfig field, type, help)
+    "--max-new-tokens": ("max_new_tokens", int, "token budget per answer"),
+    "--temperature": ("temperature", float, "0 = greedy (deterministic)"),
+    "--top-p": ("top_p", float, "nucleus sampling (with --temperature > 0)"),
+    "--repetition-penalty": ("repetition_penalty", float, "1.0 = none"),
+    "--seed": ("seed", int, "sampling seed (with --temperature > 0)"),
+}
+
+
+def add_gen_flags(p, defaults: GenConfig | None = None, helps: dict[str, str] | None = None) -> None:
+    """The generation flags of chat, eval and serve; each verb may give its own defaults."""
+    d = defaults or GenConfig()
+    for flag, (name, kind, text) in GEN_FLAGS.items():
+        p.add_argument(flag, type=kind, default=getattr(d, name), help=(helps or {}).get(flag, text))
+
+
+def gen_config(values, defaults: GenConfig | None = None) -> GenConfig:
+    """The one place a GenConfig is built: from parsed flags (an argparse namespace) or from a
+    request's fields (a mapping); a field that is missing or None takes the default."""
+    if not isinstance(values, Mapping):
+        values = vars(values)
+    d = defaults or GenConfig()
+    gen = GenConfig(**{f.name: getattr(d, f.name) if values.get(f.name) is None else values[f.name]
+                       for f in fields(GenConfig)})
+    if gen.max_new_tokens < 1:
+        raise KoloraError(f"--max-new-tokens must be at least 1, got {gen.max_new_tokens}")
+    return gen
+
+
+# --------------------------------------------------------------------------- loading
+def load_tuned(run: Run, dtype: str | None = None):
+    """Base model + the run's adapter (PeftModel), its tokenizer and config."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    cfg = run.config()
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
+    base = load_model(resolve(cfg.model.name), dtype or inference_dtype(), cfg.model.quantization,
+                      cfg.model.trust_remote_code)
+    model = PeftModel.from_pretrained(base, run.adapter)
+    model.eval()
+    if torch.cuda.is_available() and cfg.model.quantization == "none":
+        model.to("cuda")
+    return model, tokenizer, cfg
+
+
+def load_plain(model_name: str, tokenizer_path, cfg):
+    """A plain model (a merged model, or the base of one) with the given tokenizer, for answering."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    model = load_model(resolve(model_name), inference_dtype(), "none", cfg.model.trust_remote_code)
+    model.eval()
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- generating
+@dataclass
+class Generation:
+    text: str
+    new_tokens: int
+    stopped: bool  # ended with EOS within max_new_tokens (False: cut off by the token budget)
+
+
+def generate_details(model, tokenizer, prompts: list[list[int]], gen: GenConfig, streamer=None) -> tuple[list[Generation], dict]:
+    """Batched generation (left-padded prompts, KV cache): per-row text, length and whether it stopped."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    device = next(model.parameters()).device
+    kwargs = dict(max_new_tokens=gen.max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
+                  repetition_penalty=gen.repetition_penalty, use_cache=True)
+    if gen.temperature > 0:
+        torch.manual_seed(gen.seed)
+        kwargs.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    t0 = time.time()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), streamer=streamer, **kwargs)
+    rows, n_new = [], 0
+    for row in out[:, width:].tolist():
+        # finished rows are padded after their EOS (and SmolLM2's pad *is* its EOS): cut at the first one
+        stopped = tokenizer.eos_token_id in row
+        if stopped:
+            row = row[:row.index(tokenizer.eos_token_id) + 1]
+        n_new += len(row)
+        rows.append(Generation(tokenizer.decode(row, skip_special_tokens=True).strip(), len(row), stopped))
+    seconds = time.time() - t0
+    return rows, {"new_tokens": n_new, "seconds": seconds, "tokens_per_s": n_new / max(seconds, 1e-9)}
+
+
+def generate(model, tokenizer, prompts: list[list[int]], gen: GenConfig, streamer=None) -> tuple[list[str], dict]:
+    """Batched generation (left-padded prompts, KV cache). Returns texts and speed figures."""
+    rows, stats = generate_details(model, tokenizer, prompts, gen, streamer)
+    return [r.text for r in rows], stats
+
+
+def generate_batched(model, tokenizer, cfg, examples: list[Example], gen: GenConfig, batch_size: int = 8,
+                     progress=None, base: bool = False):
+    """Answers to `examples` in the training prompt format, `batch_size` at a time. Prompts are
+    sorted by length so a batch pads less; results come back in the examples' order. With
+    `base` the adapter is disabled (the base model answers). Returns (generations, speed)."""
+    from contextlib import nullcontext
+
+    prompts = [encode_prompt(tokenizer, Example(ex.question, "", history=ex.history, system=ex.system),
+                             cfg.data.system_prompt, cfg.data.template) for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results = [None] * len(prompts)
+    seconds, new_tokens = 0.0, 0
+    with model.disable_adapter() if base else nullcontext():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            rows, stats = generate_details(model, tokenizer, [prompts[i] for i in chunk], gen)
+            for i, row in zip(chunk, rows):
+                results[i] = row
+            seconds += stats["seconds"]
+            new_tokens += stats["new_tokens"]
+            if progress:
+                progress.update(len(chunk))
+    return results, {"seconds": round(seconds, 1), "new_tokens": new_tokens,
+                     "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1)}
+
+
+# --------------------------------------------------------------------------- after training
+def health_check(model, tokenizer, cfg, examples, gen=None) -> list[str]:
+    """Answer a handful of (validation) questions with the freshly trained adapter and return
+    warnings for answers that never end with EOS or that loop, each with its likely cause.
+    An empty list means the answers looked healthy."""
+    if not examples:
+        return []
+    gen = gen or GenConfig(max_new_tokens=192, repetition_penalty=1.0)
+    was_training = model.training
+    model.eval()
+    try:
+        generations, _ = generate_batched(model, tokenizer, cfg, examples, gen, batch_size=len(examples))
+    finally:
+        model.train(was_training)
+    rows = [{"eos": g.stopped, "loop": find_loop(g.text),
+             "answer_tokens": len(tokenizer(ex.answer, add_special_tokens=False).input_ids) + 1}
+            for ex, g in zip(examples, generations)]
+    return health_warnings(rows, gen, cfg, "health check")
