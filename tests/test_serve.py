@@ -1,6 +1,8 @@
 """`kolora serve`: the OpenAI-compatible API through the official `openai` client, its 4xx answers,
 and the web chat page driven in headless Chromium."""
 
+import contextlib
+import copy
 import itertools
 import json
 import os
@@ -141,14 +143,33 @@ def test_max_tokens_is_capped(client, server):
     assert short.usage.completion_tokens <= 3 and short.choices[0].finish_reason == "length"
 
 
-def test_history_and_system_prompt_are_accepted(client, server):
-    reply = client.chat.completions.create(model=server.name, max_tokens=4, messages=[
+def test_history_and_system_prompt_reach_the_prompt(loaded, monkeypatch):
+    """The ids handed to generation are exactly `kolora chat`'s prompt for this system prompt,
+    history and question (text parts joined), not just the last question."""
+    from kolora.data import Example
+    from kolora.prompt import encode_prompt
+
+    fake = FakeGeneration(loaded.tokenizer, steps=2, delay=0)
+    monkeypatch.setattr("kolora.chat.generate_details", fake)
+    messages = [
         {"role": "system", "content": "간단히 답하세요."},
         {"role": "user", "content": "전세권이란?"},
         {"role": "assistant", "content": "전세금을 지급하고 부동산을 사용하는 권리입니다."},
-        {"role": "user", "content": [{"type": "text", "text": "존속기간은요?"}]},
-    ])
-    assert reply.choices[0].message.content is not None
+        {"role": "user", "content": [{"type": "text", "text": "존속기간"}, {"type": "text", "text": "은요?"}]},
+    ]
+    with live(loaded) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": messages}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"]
+    [prompt] = fake.prompts
+    expected = Example("존속기간은요?", "", history=[{"role": "user", "content": "전세권이란?"},
+                                                    {"role": "assistant", "content": messages[2]["content"]}],
+                       system="간단히 답하세요.")
+    cfg = loaded.cfg.data
+    assert prompt == encode_prompt(loaded.tokenizer, expected, cfg.system_prompt, cfg.template)
+    text = loaded.tokenizer.decode(prompt, skip_special_tokens=True)
+    at = [text.index(part) for part in ("간단히 답하세요.", "전세권이란?", messages[2]["content"], "존속기간은요?")]
+    assert at == sorted(at), text
 
 
 @pytest.mark.parametrize("kwargs, error, status", [
@@ -162,6 +183,9 @@ def test_history_and_system_prompt_are_accepted(client, server):
     (dict(messages=[{"role": "user", "content": "q"}], model="gpt-4o"), "NotFoundError", 404),
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
      "BadRequestError", 400),
+    (dict(messages=[{"role": "user", "content": "q"}], stop=["a", "b", "c", "d", "e"]), "BadRequestError", 400),
+    (dict(messages=[{"role": "user", "content": "q"}], stop="x" * 65), "BadRequestError", 400),
+    (dict(messages=[{"role": "user", "content": "q"}], stop=["ok", "가" * 20_000]), "BadRequestError", 400),
 ])
 def test_bad_requests_get_a_clear_4xx(client, server, kwargs, error, status):
     kwargs.setdefault("model", server.name)
@@ -200,22 +224,29 @@ def test_binds_loopback_by_default_and_refuses_a_busy_port(tiny_run):
     assert "cannot listen" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_api_key_is_enforced(server):
-    """In-process app with a stub model: the key check comes before any generation."""
+def test_api_key_is_enforced(monkeypatch):
+    """In-process app with a stub model: the key check comes before any generation, in constant time."""
+    import hmac
+
     from fastapi.testclient import TestClient
 
     from kolora.generation import GenConfig
     from kolora.serve import State, create_app
 
+    compared = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append(1) or real(a, b))
     cfg = SimpleNamespace(model=SimpleNamespace(name="stub"), data=SimpleNamespace(system_prompt=None,
                                                                                    template="auto"))
     state = State("stub", None, None, cfg, GenConfig(), 16, 4096, api_key="s3cret")
-    with TestClient(create_app(state)) as http:
+    with TestClient(create_app(state), base_url="http://127.0.0.1") as http:
         assert http.get("/v1/models").status_code == 401
         assert http.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert http.get("/v1/models", headers={"Authorization": "Bearer s3cr\xe9t".encode("latin-1")}).status_code == 401
         ok = http.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "stub"
         assert http.get("/").status_code == 200  # the page itself asks for the key
+    assert compared, "the key must be compared with hmac.compare_digest"
 
 
 def test_page_loads_nothing_from_other_hosts(server):
@@ -223,6 +254,246 @@ def test_page_loads_nothing_from_other_hosts(server):
     assert "<script" in html
     for marker in ('src="http', "src='http", 'href="http', "@import", "cdn"):
         assert marker not in html
+
+
+# --------------------------------------------------------------------------- concurrency, queue, origin
+def test_two_concurrent_requests_are_both_answered(client, server):
+    questions = [QUESTION, "임대차 보증금은 언제 돌려받나요?"]
+    alone = [ask(client, server, q).choices[0].message.content for q in questions]
+    together = [None, None]
+
+    def one(i):
+        together[i] = ask(client, server, questions[i]).choices[0].message.content
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert together == alone
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_run):
+    """The tiny run loaded in this process, for in-process servers (`live`)."""
+    from kolora.chat import GenConfig
+    from kolora.runs import open_run
+    from kolora.serve import load_state
+
+    return load_state(open_run(str(tiny_run)), GenConfig(max_new_tokens=DEFAULT_TOKENS), CAP)
+
+
+@contextlib.contextmanager
+def live(base, **settings):
+    """create_app() for a copy of `base` (with `settings`) under uvicorn on a free loopback port, in a
+    thread of this process, so tests can swap generation for a FakeGeneration."""
+    import uvicorn
+
+    from kolora.serve import create_app
+
+    port = free_port()
+    state = copy.copy(base)
+    state.lock = threading.Lock()
+    for key, value in {"host": "127.0.0.1", "port": port, **settings}.items():
+        setattr(state, key, value)
+    server = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "the in-process server did not start"
+        time.sleep(0.02)
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, state=state)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+class FakeGeneration:
+    """Stands in for kolora.chat.generate_details: streams `steps` copies of a short piece, `delay`
+    seconds apart, through the server's streamer as model.generate does. Records the prompt ids,
+    and how each generation ended (finished, or the exception that cut it, with the step)."""
+
+    def __init__(self, tokenizer, steps=400, delay=0.025, piece="답 "):
+        self.steps, self.delay = steps, delay
+        self.token = tokenizer.encode(piece, add_special_tokens=False)
+        self.prompts, self.ended = [], []
+
+    def __call__(self, model, tokenizer, prompts, gen, streamer=None):
+        import torch
+
+        from kolora.chat import Generation
+
+        self.prompts.append(list(prompts[0]))
+        step = 0
+        try:
+            streamer.put(torch.tensor([prompts[0]]))
+            for step in range(1, min(self.steps, gen.max_new_tokens) + 1):
+                time.sleep(self.delay)
+                streamer.put(torch.tensor(self.token))
+            streamer.end()
+        except BaseException as e:
+            self.ended.append((type(e).__name__, step))
+            raise
+        self.ended.append(("finished", step))
+        return [Generation(tokenizer.decode(self.token * step).strip(), step * len(self.token), False)], {}
+
+    def wait(self, n=1, timeout=8.0):
+        deadline = time.time() + timeout
+        while len(self.ended) < n and time.time() < deadline:
+            time.sleep(0.02)
+        return self.ended
+
+
+def chat_body(**kwargs):
+    return {"messages": [{"role": "user", "content": QUESTION}], **kwargs}
+
+
+def test_non_streaming_client_that_disconnects_cancels_generation(loaded, monkeypatch):
+    fake = FakeGeneration(loaded.tokenizer, steps=400, delay=0.025)  # 10 s unless cancelled
+    monkeypatch.setattr("kolora.chat.generate_details", fake)
+    with live(loaded) as srv:
+        started = time.time()
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            httpx.post(srv.url + "/v1/chat/completions", json=chat_body(max_tokens=CAP), timeout=0.6)
+        # the server notices within about a poll interval and sets the job's cancel event
+        (how, step), = fake.wait(timeout=6)
+        assert how == "Cancelled", fake.ended
+        assert step < 100 and time.time() - started < 4, (step, time.time() - started)
+        # the model is free again at once
+        r = httpx.post(srv.url + "/v1/chat/completions", json=chat_body(max_tokens=2), timeout=10)
+        assert r.status_code == 200 and fake.ended[-1] == ("finished", 2)
+
+
+def test_queue_is_bounded_with_429(loaded, monkeypatch):
+    fake = FakeGeneration(loaded.tokenizer, steps=400, delay=0.025)
+    monkeypatch.setattr("kolora.chat.generate_details", fake)
+    url = "/v1/chat/completions"
+    with live(loaded, max_queue=1) as srv, httpx.Client(base_url=srv.url, timeout=10) as http:
+        with http.stream("POST", url, json=chat_body(stream=True, max_tokens=CAP)) as running, \
+                http.stream("POST", url, json=chat_body(stream=True, max_tokens=CAP)) as waiting:
+            assert running.status_code == waiting.status_code == 200
+            with http.stream("POST", url, json=chat_body(stream=True)) as third:
+                assert third.status_code == 429
+                assert int(third.headers["retry-after"]) >= 1
+                body = json.loads(third.read())
+            assert "--max-queue" in body["error"]["message"]
+        # both clients left: their jobs end and free their places
+        fake.wait(1)
+        deadline = time.time() + 8
+        while (r := http.post(url, json=chat_body(max_tokens=2))).status_code == 429 and time.time() < deadline:
+            time.sleep(0.1)
+        assert r.status_code == 200
+    assert [how for how, _ in fake.ended[:1]] == ["Cancelled"]
+
+
+def test_max_queue_flag():
+    from kolora.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "runs/x"]).max_queue == 8
+    args = build_parser().parse_args(["serve", "runs/x", "--max-queue", "2", "--allow-origin", "http://a.test:3000",
+                                      "--allow-origin", "https://b.test,https://c.test"])
+    assert args.max_queue == 2
+    assert args.allow_origin == ["http://a.test:3000", "https://b.test,https://c.test"]
+    r = run_cli("serve", "--help")
+    for flag in ("--max-queue", "--allow-origin", "Host", "Origin", "429"):
+        assert flag in r.stdout, flag
+
+
+def test_foreign_host_origin_and_content_type_are_refused(loaded, monkeypatch):
+    monkeypatch.setattr("kolora.chat.generate_details", FakeGeneration(loaded.tokenizer, steps=2, delay=0))
+    with live(loaded) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        url, port = "/v1/chat/completions", srv.port
+        # DNS rebinding: a foreign name pointing at 127.0.0.1 reads nothing
+        for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1:{port + 1}", "127.0.0.1"):
+            for method, path in (("GET", "/v1/models"), ("GET", "/"), ("POST", url)):
+                r = http.request(method, path, json=chat_body(), headers={"Host": host})
+                assert r.status_code == 403, (host, method, path, r.status_code)
+        assert "Host" in r.json()["error"]["message"]
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", f"LOCALHOST:{port}"):
+            assert http.get("/v1/models", headers={"Host": host}).status_code == 200, host
+        # a web page elsewhere may not post to the API
+        for origin in ("http://evil.example", f"http://127.0.0.1:{port + 1}", "null"):
+            r = http.post(url, json=chat_body(), headers={"Origin": origin})
+            assert r.status_code == 403 and "Origin" in r.json()["error"]["message"], origin
+            assert http.get("/v1/models", headers={"Origin": origin}).status_code == 403
+        # the served page itself (same origin) keeps working
+        r = http.post(url, json=chat_body(), headers={"Origin": f"http://127.0.0.1:{port}"})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+        r = http.post(url, json=chat_body(), headers={"Origin": f"http://localhost:{port}",
+                                                      "Host": f"localhost:{port}"})
+        assert r.status_code == 200
+        # only JSON bodies: a form or text/plain post (no CORS preflight) is refused
+        raw = json.dumps(chat_body()).encode()
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+            headers = {"Content-Type": ctype} if ctype else {}
+            r = http.post(url, content=raw, headers=headers)
+            assert r.status_code == 415, (ctype, r.status_code)
+        assert "application/json" in r.json()["error"]["message"]
+        r = http.post(url, content=raw, headers={"Content-Type": "application/json; charset=utf-8"})
+        assert r.status_code == 200
+
+
+def test_allow_origin_lets_a_named_page_in(loaded, monkeypatch):
+    monkeypatch.setattr("kolora.chat.generate_details", FakeGeneration(loaded.tokenizer, steps=2, delay=0))
+    with live(loaded, allow_origins=("http://app.test:3000", "https://b.test")) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as http:
+        url = "/v1/chat/completions"
+        for origin in ("http://app.test:3000", "https://b.test"):
+            r = http.post(url, json=chat_body(), headers={"Origin": origin})
+            assert r.status_code == 200, (origin, r.text)
+            assert r.headers.get("access-control-allow-origin") == origin
+        pre = http.options(url, headers={"Origin": "http://app.test:3000", "Access-Control-Request-Method": "POST",
+                                         "Access-Control-Request-Headers": "content-type, authorization"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://app.test:3000"
+        assert http.post(url, json=chat_body(), headers={"Origin": "http://app.test:3001"}).status_code == 403
+        assert http.post(url, json=chat_body(), headers={"Origin": "http://evil.example"}).status_code == 403
+
+
+def test_allow_origin_flag_is_split_on_commas():
+    from kolora.serve import parse_origins
+
+    assert parse_origins(["http://a.test:3000", "https://B.test/, https://c.test"]) == \
+        ("http://a.test:3000", "https://b.test", "https://c.test")
+    with pytest.raises(Exception, match="allow-origin"):
+        parse_origins(["a.test"])
+
+
+# --------------------------------------------------------------------------- stop strings
+def cut(stops, pieces):
+    from kolora.serve import StopCutter
+
+    cutter = StopCutter(stops)
+    out = [cutter.feed(p) for p in pieces]
+    return "".join(out) + cutter.flush(), cutter.hit
+
+
+@pytest.mark.parametrize("stops, pieces, expected, hit", [
+    (["END"], ["abcE", "N", "Dxyz"], "abc", True),
+    (["END"], ["ab", "cE", "Nd"], "abcENd", False),          # a prefix held back, then released
+    (["END"], ["  ab", "E", "NEND"], "abEN", True),           # an earlier partial match that fails
+    (["aab"], ["a", "a", "a", "b", "c"], "a", True),          # overlapping prefixes
+    (["b", "a"], ["xab"], "x", True),                       # the earliest stop wins, whatever the order
+    (["###", "\n\n"], ["답입니다.\n", "\n### 질문"], "답입니다.", True),
+    (["전세", "권"], ["민법의 전", "세권"], "민법의 ", True),
+    ([], ["  a", "b  "], "ab  ", False),
+])
+def test_stop_cutter_cuts_stops_split_across_pieces(stops, pieces, expected, hit):
+    assert cut(stops, pieces) == (expected, hit)
+    assert cut(stops, list("".join(pieces))) == (expected, hit)  # one character at a time
+
+
+def test_stop_cutter_is_linear_in_the_stop_length():
+    """Held-back text that keeps matching a long stop must not be re-checked from scratch each piece."""
+    from kolora.serve import StopCutter
+
+    stop = "가" * 2500 + "끝"
+    cutter = StopCutter([stop, "x" * 1000])
+    t0 = time.perf_counter()
+    out = [cutter.feed("가") for _ in range(2000)]
+    assert time.perf_counter() - t0 < 1.0
+    assert "".join(out) == "" and cutter.flush() == "가" * 2000
 
 
 # --------------------------------------------------------------------------- the web page

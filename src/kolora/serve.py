@@ -6,13 +6,18 @@
 
 Prompts go through `kolora.prompt.encode_prompt` and generation through `kolora.chat`, so the
 server answers exactly like `kolora chat` (greedy by default). One model, one generation at a
-time (a lock: on a CPU, parallel generations only slow each other down). Safe by default: binds
-127.0.0.1, request bodies and max_tokens are bounded, optional bearer key (--api-key or
-KOLORA_API_KEY). Bad requests get a 4xx with an OpenAI-style error body.
+time (a lock: on a CPU, parallel generations only slow each other down); at most --max-queue
+requests wait for it, more get 429 with Retry-After, and a client that disconnects (streaming or
+not) cancels its generation. Safe by default: binds 127.0.0.1; request bodies, max_tokens and stop
+strings are bounded; requests must name this server in `Host` (no DNS rebinding) and come from its
+own page or an --allow-origin (`Origin`); POST bodies must be application/json (no form or
+text/plain posts from other sites); optional bearer key (--api-key or KOLORA_API_KEY), compared in
+constant time. Bad requests get a 4xx with an OpenAI-style error body.
 """
 
 
 import functools
+import hmac
 import ipaddress
 import json
 import os
@@ -24,6 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import KoloraError
 from .generation import add_gen_flags, gen_config, generate_details, load_tuned
@@ -33,19 +39,32 @@ HELP = "serve a run: OpenAI-compatible /v1/chat/completions and a web chat page"
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_TOKENS_CAP = 1024
+MAX_QUEUE = 8  # requests that may wait for the model while one generates
+MAX_STOPS, MAX_STOP_CHARS = 4, 64  # OpenAI allows 4 stop strings
+RETRY_AFTER_S = 2
+POLL_S = 0.25  # how often a waiting request checks whether its client is still there
 PAGE = Path(__file__).resolve().parent / "web" / "chat.html"
 
 
 def add_arguments(p) -> None:
     p.add_argument("run", help="run directory written by `kolora train`")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network)")
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it to the network, "
+                        "and then requests may name any of its IP addresses or its host name in Host)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-tokens-cap", type=int, default=MAX_TOKENS_CAP,
                    help="upper bound for a request's max_tokens (larger requests are cut to it)")
     p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest accepted request body")
     p.add_argument("--api-key", default=os.environ.get("KOLORA_API_KEY"),
                    help="require `Authorization: Bearer KEY` (default: $KOLORA_API_KEY; none = no key)")
+    p.add_argument("--max-queue", type=int, default=MAX_QUEUE,
+                   help=f"requests that may wait while one generates (default {MAX_QUEUE}); more get HTTP 429 "
+                        "with Retry-After. 0: one request at a time")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="also accept requests from web pages at ORIGIN (e.g. http://localhost:3000; repeatable or "
+                        "comma-separated; * = any), with CORS headers for them. By default only this server's own "
+                        "chat page may call the API (other `Origin`s get 403), and only requests whose `Host` is "
+                        "the bound address, localhost, 127.0.0.1 or [::1] with --port are answered")
     add_gen_flags(p)  # defaults for requests that don't set them (max_tokens, temperature, top_p)
 
 
@@ -54,9 +73,13 @@ def run(args) -> int:
         raise KoloraError(f"--port {args.port} is not a TCP port", "use 1-65535")
     if args.max_tokens_cap < 1 or args.max_body_bytes < 1024:
         raise KoloraError("--max-tokens-cap must be ≥ 1 and --max-body-bytes ≥ 1024", "raise them")
+    if args.max_queue < 0:
+        raise KoloraError(f"--max-queue {args.max_queue} is negative", "pass 0 or more")
+    origins = parse_origins(args.allow_origin)
     check_port_free(args.host, args.port)
     run_dir = open_run(args.run)
-    state = load_state(run_dir, gen_config(args), args.max_tokens_cap, args.max_body_bytes, args.api_key)
+    state = load_state(run_dir, gen_config(args), args.max_tokens_cap, args.max_body_bytes, args.api_key,
+                       host=args.host, port=args.port, allow_origins=origins, max_queue=args.max_queue)
     serve(state, args.host, args.port)
     return 0
 
@@ -75,15 +98,21 @@ class State:
     context: int | None = None  # positions the model can attend to
     lock: threading.Lock = field(default_factory=threading.Lock)
     created: int = field(default_factory=lambda: int(time.time()))
+    host: str = "127.0.0.1"  # the bound address: requests must name it (or a loopback name) in Host
+    port: int | None = None  # the bound port (None: any, for in-process use)
+    allow_origins: tuple = ()  # normalized origins (parse_origins) whose pages may call the API
+    max_queue: int = MAX_QUEUE
 
 
-def load_state(run_dir, defaults, max_tokens_cap=MAX_TOKENS_CAP, max_body_bytes=MAX_BODY_BYTES, api_key=None) -> State:
+def load_state(run_dir, defaults, max_tokens_cap=MAX_TOKENS_CAP, max_body_bytes=MAX_BODY_BYTES, api_key=None,
+               **settings) -> State:
+    """`settings`: State's host, port, allow_origins, max_queue."""
     print(f"[kolora] loading {run_dir.path} …", file=sys.stderr, flush=True)
     model, tokenizer, cfg = load_tuned(run_dir)
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return State(run_dir.path.resolve().name, model, tokenizer, cfg, defaults, max_tokens_cap, max_body_bytes,
-                 api_key or None, context)
+                 api_key or None, context, **settings)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -95,6 +124,112 @@ def check_port_free(host: str, port: int) -> None:
     except OSError as e:
         raise KoloraError(f"cannot listen on {host}:{port}: {e.strerror or e}",
                           "pass another --port, or stop the program that uses it") from None
+
+
+def parse_origins(values) -> tuple:
+    """--allow-origin values (repeated, comma-separated) → normalized origins: scheme://host[:port],
+    lower-case, no trailing slash; `*` allows any origin."""
+    out = []
+    for value in values or ():
+        for item in value.split(","):
+            item = item.strip().rstrip("/").lower()
+            if not item:
+                continue
+            if item != "*":
+                parts = urlsplit(item)
+                if parts.scheme not in ("http", "https") or split_host(parts.netloc) is None or parts.path \
+                        or parts.query or parts.fragment:
+                    raise KoloraError(f"--allow-origin {item!r} is not an origin",
+                                      "write scheme://host[:port], e.g. http://localhost:3000")
+            if item not in out:
+                out.append(item)
+    return tuple(out)
+
+
+def split_host(value: str, default_port: int = 80):
+    """A Host header (or an origin's netloc) → (lower-case name without brackets, port), None if malformed."""
+    try:
+        parts = urlsplit("//" + value)
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname or parts.username is not None or parts.password is not None or parts.path:
+        return None
+    return parts.hostname.lower(), default_port if port is None else port
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+class Guard:
+    """ASGI middleware in front of everything: refuses a `Host` that does not name this server (DNS
+    rebinding: a page at evil.example whose name now points at 127.0.0.1 reads nothing) and an `Origin`
+    other than this server's own pages or an --allow-origin (another site's page posting here), with
+    403 and an OpenAI-style error body."""
+
+    def __init__(self, app, state: State):
+        self.app, self.state = app, state
+        bound = state.host.strip("[]").lower()
+        self.names = {"localhost", "127.0.0.1", "::1", bound}
+        self.any_ip = bound in ("0.0.0.0", "::")  # listening everywhere: reached by any of its addresses
+        if self.any_ip:
+            self.names.add(socket.gethostname().lower())
+        self.any_origin = "*" in state.allow_origins
+        self.origins = set(state.allow_origins)
+        self.proxied = set()  # names of --allow-origin sites, for a reverse proxy that keeps their Host
+        for origin in state.allow_origins:
+            if origin != "*":
+                parts = urlsplit(origin)
+                self.proxied.add(split_host(parts.netloc, 443 if parts.scheme == "https" else 80))
+
+    def host_ok(self, host: str) -> bool:
+        parsed = split_host(host)
+        if parsed is None:
+            return False
+        name, port = parsed
+        if parsed in self.proxied:
+            return True
+        if self.state.port is not None and port != self.state.port:
+            return False
+        return name in self.names or (self.any_ip and is_ip(name))
+
+    def origin_ok(self, origin: str, host: str) -> bool:
+        origin = origin.strip().rstrip("/").lower()
+        if self.any_origin or origin in self.origins:
+            return True
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https"):
+            return False  # "null" (sandboxed frames, file: pages) and the like
+        # same origin: the page was loaded from the very Host it now calls (the scheme may differ
+        # behind a TLS proxy); the Host itself has been checked
+        default = 443 if parts.scheme == "https" else 80
+        return split_host(parts.netloc, default) in (split_host(host, default), split_host(host))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {}
+        for key, value in scope.get("headers", ()):
+            headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
+        host = headers.get("host", "")
+        error = None
+        if not self.host_ok(host):
+            error = ApiError(403, f"Host {host!r} does not name this server; use the address it listens on "
+                                  "(or localhost / 127.0.0.1 with its port)", code="forbidden_host")
+        elif "origin" in headers and not self.origin_ok(headers["origin"], host):
+            error = ApiError(403, f"requests from web pages at Origin {headers['origin']!r} are not allowed; "
+                                  "start the server with --allow-origin ORIGIN to allow them",
+                             code="forbidden_origin")
+        if error is None:
+            return await self.app(scope, receive, send)
+        from starlette.responses import JSONResponse
+
+        await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
 
 
 def is_loopback(host: str) -> bool:
@@ -111,9 +246,10 @@ class ApiError(Exception):
     """An OpenAI-style error: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -144,6 +280,12 @@ def parse_request(raw: bytes, state: State):
     ex = to_example(req.messages)
     gen = request_gen(req, state)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > MAX_STOPS:
+        raise ApiError(400, f"stop: at most {MAX_STOPS} stop strings are allowed, got {len(stop)}", param="stop")
+    longest = max(map(len, stop), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise ApiError(400, f"stop: a stop string may have at most {MAX_STOP_CHARS} characters, got one with "
+                            f"{longest}", param="stop")
     include_usage = bool(req.stream_options and req.stream_options.get("include_usage"))
     return ex, gen, [s for s in stop if s], bool(req.stream), include_usage
 
@@ -243,8 +385,9 @@ class Job:
     """One generation in a worker thread; `pieces()` yields text as it is produced, with stop
     strings cut out. Afterwards: finish_reason, completion_tokens."""
 
-    def __init__(self, state: State, prompt: list[int], gen, stop: list[str]):
+    def __init__(self, state: State, prompt: list[int], gen, stop: list[str], on_done=None):
         self.state, self.prompt, self.gen, self.stop = state, prompt, gen, stop
+        self.on_done = on_done  # called once the job no longer needs the model (its queue place is free)
         self.cancel = threading.Event()
         self.streamer = _streamer(state.tokenizer, self.cancel)
         self.result = None
@@ -255,17 +398,32 @@ class Job:
 
     def _work(self) -> None:
         try:
-            with self.state.lock:
-                if not self.cancel.is_set():
+            if self._acquire():
+                try:
                     rows, _ = generate_details(self.state.model, self.state.tokenizer, [self.prompt], self.gen,
                                                streamer=self.streamer)
                     self.result = rows[0]
+                finally:
+                    self.state.lock.release()
         except Cancelled:
             pass
         except BaseException as e:  # noqa: BLE001 - reported to the client, not lost in a thread
             self.error = e
         finally:
+            if self.on_done is not None:
+                self.on_done()
             self.streamer.text_queue.put(None)
+
+    def _acquire(self) -> bool:
+        """Wait for the model; give up (False) as soon as the job is cancelled, so a client that left
+        while queued frees its place at once."""
+        while not self.state.lock.acquire(timeout=0.1):
+            if self.cancel.is_set():
+                return False
+        if self.cancel.is_set():
+            self.state.lock.release()
+            return False
+        return True
 
     def next_piece(self, timeout: float = 0.25):
         """Next raw piece of text, '' when none is ready yet, None at the end."""
@@ -273,24 +431,6 @@ class Job:
             return self.streamer.text_queue.get(timeout=timeout)
         except queue.Empty:
             return ""
-
-    def pieces(self):
-        """Sync iterator over the answer text (for non-streaming requests)."""
-        cutter = StopCutter(self.stop)
-        while True:
-            raw = self.next_piece(timeout=None)
-            if raw is None:
-                break
-            out = cutter.feed(raw)
-            if out:
-                yield out
-            if cutter.hit:
-                self.hit_stop = True
-                self.cancel.set()
-        self.thread.join()
-        tail = cutter.flush()
-        if tail:
-            yield tail
 
     @property
     def finish_reason(self) -> str:
@@ -302,39 +442,98 @@ class Job:
 
 
 class StopCutter:
-    """Streams text but holds back what could be the start of a stop string, and ends at one."""
+    """Streams text but holds back what could be the start of a stop string, and ends at the first
+    stop string that appears. Linear: one KMP matcher per stop string advances over each new
+    character once, so a piece costs O(len(piece) × number of stops), never O(len(stop)²)."""
 
     def __init__(self, stops: list[str]):
-        self.stops, self.buffer, self.hit, self.started = stops, "", False, False
+        self.stops = [s for s in stops if s]
+        self.fail = [kmp_table(s) for s in self.stops]
+        self.matched = [0] * len(self.stops)  # per stop: its longest prefix the text now ends with
+        self.buffer, self.hit, self.started = "", False, False  # buffer: held-back text only
 
     def feed(self, text: str) -> str:
         if self.hit:
             return ""
-        self.buffer += text
         if not self.started:  # answers are shown without leading whitespace, as `kolora chat` does
-            self.buffer = self.buffer.lstrip()
-            self.started = bool(self.buffer)
-        for s in self.stops:
-            at = self.buffer.find(s)
-            if at >= 0:
-                self.hit = True
-                out, self.buffer = self.buffer[:at], ""
-                return out
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.buffer.endswith(s[:k])), default=0)
-        out = self.buffer[:len(self.buffer) - keep]
-        self.buffer = self.buffer[len(self.buffer) - keep:]
-        return out
+            text = text.lstrip()
+            self.started = bool(text)
+        for i, ch in enumerate(text):
+            for j, s in enumerate(self.stops):
+                k = self.matched[j]
+                while k and s[k] != ch:
+                    k = self.fail[j][k - 1]
+                if s[k] == ch:
+                    k += 1
+                if k == len(s):  # the first stop to complete: cut where it starts
+                    self.hit = True
+                    seen, self.buffer = self.buffer + text[:i + 1], ""
+                    return seen[:len(seen) - k]
+                self.matched[j] = k
+        seen = self.buffer + text
+        keep = max(self.matched, default=0)  # never more than the held-back text plus this piece
+        self.buffer = seen[len(seen) - keep:] if keep else ""
+        return seen[:len(seen) - keep]
 
     def flush(self) -> str:
         out, self.buffer = ("" if self.hit else self.buffer), ""
         return out.rstrip()
 
 
+def kmp_table(s: str) -> list[int]:
+    """fail[k]: length of the longest proper prefix of s[:k + 1] that is also its suffix."""
+    fail, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = fail[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
+async def texts(job: "Job", request):
+    """The answer text as it is produced, stop strings cut out. Watches the client while it waits
+    (in the queue or between pieces): one that disconnects sets the job's cancel event, which frees
+    the queue place or stops generate() at its next token. Always cancels the job when it ends."""
+    from starlette.concurrency import run_in_threadpool
+
+    cutter = StopCutter(job.stop)
+    try:
+        while True:
+            raw = await run_in_threadpool(job.next_piece, POLL_S)
+            if raw is None:
+                break
+            if await request.is_disconnected():
+                job.cancel.set()
+                raise ClientGone()
+            text = cutter.feed(raw)
+            if text:
+                yield text
+            if cutter.hit:
+                job.hit_stop = True
+                job.cancel.set()
+        await run_in_threadpool(job.thread.join)
+        tail = cutter.flush()
+        if tail:
+            yield tail
+    finally:
+        job.cancel.set()
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was complete."""
+
+
 # --------------------------------------------------------------------------- app
 def create_app(state: State):
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
+    from fastapi.responses import (
+        HTMLResponse,
+        JSONResponse,
+        Response,
+        StreamingResponse,
+    )
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from .prompt import encode_prompt
@@ -343,17 +542,49 @@ def create_app(state: State):
 
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         return JSONResponse(ApiError(e.status_code, str(e.detail), kind=kind).body(), status_code=e.status_code)
 
+    expected_auth = f"Bearer {state.api_key}".encode()
+
     def authorize(request: Request) -> None:
-        if state.api_key and request.headers.get("authorization") != f"Bearer {state.api_key}":
+        if not state.api_key:
+            return
+        given = request.headers.get("authorization", "").encode("latin-1")  # the bytes as sent
+        if not hmac.compare_digest(given, expected_auth):  # constant time: no timing oracle for the key
             raise ApiError(401, "missing or wrong API key (Authorization: Bearer …)", code="invalid_api_key",
                            kind="authentication_error")
+
+    def require_json(request: Request) -> None:
+        """Only JSON bodies: a page elsewhere can post a form or text/plain without a CORS preflight."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(415, f"Content-Type must be application/json, not {ctype or 'missing'}",
+                           code="unsupported_media_type")
+
+    busy = [0]  # jobs admitted and not yet done: the one generating plus those waiting
+    busy_lock = threading.Lock()
+
+    def admit():
+        """Take a place in the queue (429 when it is full); returns the callback that frees it."""
+        with busy_lock:
+            if busy[0] > state.max_queue:
+                raise ApiError(429, f"the server is busy: one request is generating and {state.max_queue} are "
+                                    "waiting (kolora serve --max-queue); retry later", code="queue_full",
+                               kind="rate_limit_error", headers={"Retry-After": str(RETRY_AFTER_S)})
+            busy[0] += 1
+        released = []
+
+        def release():
+            with busy_lock:
+                if not released:
+                    released.append(True)
+                    busy[0] -= 1
+        return release
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -387,6 +618,7 @@ def create_app(state: State):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
+        require_json(request)
         ex, gen, stop, stream, include_usage = parse_request(await read_body(request), state)
         prompt = encode_prompt(state.tokenizer, ex, state.cfg.data.system_prompt, state.cfg.data.template)
         if state.context and len(prompt) + gen.max_new_tokens > state.context:
@@ -394,15 +626,29 @@ def create_app(state: State):
                                 f"exceeds the model's context of {state.context}", param="messages",
                            code="context_length_exceeded")
         reply = Reply(state.name, len(prompt))
-        job = Job(state, prompt, gen, stop)
+        release = admit()
+        try:
+            job = Job(state, prompt, gen, stop, on_done=release)
+        except BaseException:
+            release()
+            raise
         if stream:
-            return StreamingResponse(sse(job, reply, include_usage), media_type="text/event-stream",
+            return StreamingResponse(sse(job, reply, include_usage, request), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text = await run_in_threadpool(lambda: "".join(job.pieces()).strip())
+        try:
+            text = "".join([piece async for piece in texts(job, request)]).strip()
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it: the connection is gone
         if job.error is not None:
             raise ApiError(500, f"generation failed: {type(job.error).__name__}: {job.error}", kind="server_error")
         return reply.completion(text, job.finish_reason, job.completion_tokens)
 
+    if state.allow_origins:  # pages at these origins need CORS headers (and preflights) to call the API
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(state.allow_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
+    app.add_middleware(Guard, state=state)  # added last: runs first
     return app
 
 
@@ -434,28 +680,13 @@ class Reply:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def sse(job: Job, reply: Reply, include_usage: bool):
+async def sse(job: Job, reply: Reply, include_usage: bool, request):
     """Server-sent events in OpenAI's chunk format. A client that disconnects cancels the generation
     (the streamer raises inside generate), so the lock is freed for the next request."""
-    from starlette.concurrency import run_in_threadpool
-
-    cutter = StopCutter(job.stop)
     try:
         yield reply.chunk({"role": "assistant", "content": ""})
-        while True:
-            raw = await run_in_threadpool(job.next_piece)
-            if raw is None:
-                break
-            text = cutter.feed(raw)
-            if text:
-                yield reply.chunk({"content": text})
-            if cutter.hit:
-                job.hit_stop = True
-                job.cancel.set()
-        await run_in_threadpool(job.thread.join)
-        tail = cutter.flush()
-        if tail:
-            yield reply.chunk({"content": tail})
+        async for text in texts(job, request):
+            yield reply.chunk({"content": text})
         if job.error is not None:
             err = ApiError(500, f"generation failed: {type(job.error).__name__}: {job.error}", kind="server_error")
             yield f"data: {json.dumps(err.body())}\n\n"
@@ -466,6 +697,8 @@ async def sse(job: Job, reply: Reply, include_usage: bool):
                      "model": reply.model, "choices": [], "usage": reply.usage(job.completion_tokens)}
             yield f"data: {json.dumps(usage)}\n\n"
         yield "data: [DONE]\n\n"
+    except ClientGone:
+        return
     finally:
         job.cancel.set()
 
