@@ -18,12 +18,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "kolora"
 LAYERS = [
     ["__init__", "errors", "interrupts"],
     ["config", "data", "facts", "report"],
-    ["prompt", "models", "device", "metrics", "html_report"],
-    ["runs", "checkpoint", "batching"],
-    ["loss"],
+    ["prompt", "models", "device", "metrics", "html_report", "corpus"],
+    ["runs", "checkpoint", "batching", "retrieval", "citations"],
+    ["loss", "grounding"],
     ["generation", "merging", "estimator"],
     # stages: one verb each (info: models / inspect / doctor)
-    ["prepare", "estimate", "train", "chat", "evaluate", "merge", "export", "serve", "info"],
+    ["prepare", "estimate", "train", "chat", "evaluate", "merge", "export", "serve", "info", "retrieve"],
     ["cli"],
     ["__main__"],
 ]

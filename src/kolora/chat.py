@@ -6,9 +6,11 @@ from __future__ import annotations
 import sys
 from contextlib import nullcontext
 
+from . import grounding
 from .data import Example, read_jsonl
 from .errors import KoloraError
 from .generation import GenConfig, add_gen_flags, gen_config, generate, generate_batched, load_tuned
+from .grounding import sources_line
 from .prompt import encode_prompt
 from .runs import open_run
 
@@ -21,15 +23,28 @@ def add_arguments(p) -> None:
     p.add_argument("--quick-test", type=int, metavar="N", nargs="?", const=3, help="answer N test-split questions")
     p.add_argument("--base", action="store_true", help="use the base model (adapter disabled)")
     p.add_argument("--compare", action="store_true", help="with --quick-test: base and tuned answers side by side")
+    p.add_argument("--no-retrieval", action="store_true",
+                   help="a grounded run answers without retrieved passages (the ungrounded answer, for comparison)")
     add_gen_flags(p)
 
 
 def run(args) -> int:
     if args.quick_test:
-        quick_test(args.run, args.quick_test, gen_config(args), compare=args.compare, base=args.base)
+        quick_test(args.run, args.quick_test, gen_config(args), compare=args.compare, base=args.base,
+                   retrieval=not args.no_retrieval)
     else:
-        interactive(args.run, gen_config(args), base=args.base, question=args.question)
+        interactive(args.run, gen_config(args), base=args.base, question=args.question, retrieval=not args.no_retrieval)
     return 0
+
+
+def sources(g, answer: str, question: str, hits) -> list[str]:
+    """The lines printed under a grounded answer: its sources, then what the citation check
+    could not find in the corpus (a wrong article, a number no cited article states)."""
+    report = g.check(answer, question, [])
+    cited = {c.passage_id for c in report.citations if c.passage_id}
+    lines = [sources_line(hits, cited)]
+    lines += [f"  확인 필요 (check): {claim}" for claim in report.unsupported]
+    return lines
 
 
 def clip(text: str, limit: int = 400) -> str:
@@ -38,13 +53,18 @@ def clip(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else f"{text[:limit]} … (+{len(text) - limit}자)"
 
 
-def quick_test(run_path: str, n: int, gen: GenConfig, compare: bool = False, base: bool = False) -> list[dict]:
+def quick_test(run_path: str, n: int, gen: GenConfig, compare: bool = False, base: bool = False,
+               retrieval: bool = True) -> list[dict]:
     run = open_run(run_path)
     test = read_jsonl(run.split("test")) if run.split("test").is_file() else []
     if not test:
         raise KoloraError(f"{run_path} has no test split (data/test.jsonl)", "use --question instead")
     picked = test[:n]
     model, tokenizer, cfg = load_tuned(run)
+    g = grounding.load(run.path, cfg) if retrieval else None
+    hits = []
+    if g is not None:
+        picked, hits = g.ground(picked, tokenizer)
     questions = [ex.question for ex in picked]
     rows = [{"question": ex.question, "reference": ex.answer} for ex in picked]
     if compare or base:
@@ -64,22 +84,33 @@ def quick_test(run_path: str, n: int, gen: GenConfig, compare: bool = False, bas
             print(f"  기본 모델: {clip(r['base'])}")
         if "tuned" in r:
             print(f"  튜닝 모델: {clip(r['tuned'])}")
+        if g is not None:
+            for line in sources(g, r.get("tuned", r.get("base", "")), r["question"], hits[i - 1]):
+                print(f"  {line}")
     speed = tstats if not base else bstats
     print(f"\n(generation: {speed['new_tokens']} tokens, {speed['tokens_per_s']:.1f} tokens/s)")
     return rows
 
 
-def interactive(run_path: str, gen: GenConfig, base: bool = False, question: str | None = None) -> None:
+def interactive(run_path: str, gen: GenConfig, base: bool = False, question: str | None = None,
+                retrieval: bool = True) -> None:
     from transformers import TextStreamer
 
     run = open_run(run_path)
     model, tokenizer, cfg = load_tuned(run)
+    g = grounding.load(run.path, cfg) if retrieval else None
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
     def ask(q: str, use_base: bool) -> None:
-        prompt = encode_prompt(tokenizer, Example(q, ""), cfg.data.system_prompt, cfg.data.template)
+        ex, hits = Example(q, ""), []
+        if g is not None:
+            [ex], [hits] = g.ground([ex], tokenizer)
+        prompt = encode_prompt(tokenizer, ex, cfg.data.system_prompt, cfg.data.template)
         with model.disable_adapter() if use_base else nullcontext():
-            _, s = generate(model, tokenizer, [prompt], gen, streamer)
+            texts, s = generate(model, tokenizer, [prompt], gen, streamer)
+        if g is not None:
+            for line in sources(g, texts[0], q, hits):
+                print(line)
         print(f"  ({s['new_tokens']} tokens, {s['tokens_per_s']:.1f} tokens/s)", file=sys.stderr)
 
     if question is not None:

@@ -21,7 +21,7 @@ from .errors import KoloraError, Stopped
 # several small verbs. It must import without torch/transformers so `kolora --help` stays fast.
 STAGES = {"train": "train", "prepare": "prepare", "chat": "chat", "merge": "merge", "models": "info",
           "inspect": "info", "doctor": "info", "eval": "evaluate", "export": "export", "serve": "serve",
-          "estimate": "estimate"}
+          "estimate": "estimate", "retrieve": "retrieve"}
 
 
 class Parser(argparse.ArgumentParser):

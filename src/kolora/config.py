@@ -83,7 +83,21 @@ class TrainConfig:
     tensorboard: bool = opt(True, "write TensorBoard logs to <run>/tensorboard")
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig}
+@dataclass
+class RetrievalConfig:
+    corpus: list = opt([], "grounding corpus: files or folders of .md/.txt statutes (split into articles at 제N조) or .jsonl "
+                           "passages {id, title, text}; empty = no retrieval (the model answers from memory)")
+    k: int = opt(3, "passages retrieved for each question and placed before it in the prompt")
+    context_tokens: int = opt(384, "token budget of the passages in one prompt; a longer passage keeps its first paragraphs")
+    oracle_p: float = opt(0.8, "share of training rows in which the article the answer cites is put among the k passages "
+                               "(at a random position) when retrieval missed it; the rest keep retrieval as it came (RAFT)")
+    tokenizer: str = opt("kiwi", "retrieval tokenizer: kiwi (Korean morphemes, offline) or char2 (character bigrams)")
+    expand: bool = opt(True, "index each passage together with the training questions whose answers cite it "
+                             "(document expansion; never validation or test questions)")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig,
+            "retrieval": RetrievalConfig}
 
 
 @dataclass
@@ -92,6 +106,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -36,6 +36,7 @@ class Example:
     system: str | None = None
     line: int = 0  # line (CSV/JSONL) or index (JSON) in the source file
     source: str | None = None  # the data.train_only file it came from (None: data.path)
+    context: str | None = None  # retrieved passages put before the question (retrieval.corpus); None: ungrounded
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, [], "")}

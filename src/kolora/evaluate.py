@@ -22,17 +22,19 @@ import os
 import sys
 import time
 import unicodedata
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import grounding
 from .data import SPLITS, load_examples, read_jsonl
 from .device import inference_dtype
 from .errors import KoloraError
 from .generation import GenConfig, add_gen_flags, gen_config, generate_batched, load_plain, load_tuned
+from .grounding import with_context
 from .loss import answer_losses
-from .metrics import METRIC_NOTES, answer_metrics, delta, health_warnings, side_block, verdict
+from .metrics import METRIC_NOTES, METRICS, answer_metrics, delta, health_warnings, side_block, verdict
 from .runs import open_run
 
 HELP = ("compare base and tuned model on held-out questions: answer perplexity, chrF / ROUGE-L / BLEU, "
@@ -58,6 +60,7 @@ class Side:
     source: str
     open: Callable
     untuned: bool = False  # a base model without any adapter: its loops are no training mistake
+    grounded: bool = False  # answers with the run's retrieved passages before each question
 
 
 @dataclass
@@ -69,14 +72,26 @@ class Plan:
     sides: list[Side]
     loss_events: list[dict] = field(default_factory=list)
     cfg: object = None  # the evaluated run's config: its lr and epochs go into the warnings
+    grounding: object = None  # grounding.Grounding of a grounded run (its saved index)
+    hits: list = field(default_factory=list)  # retrieved passages per question
+    retrieval: dict | None = None  # recall@k of the cited article on these questions
 
 
-def evaluate_side(side: Side, examples, gen, batch_size: int) -> tuple[list[dict], dict]:
+def side_examples(side: Side, plan: Plan, tokenizer) -> list:
+    """The questions as this side sees them: with the run's retrieved passages when grounded."""
+    if not side.grounded:
+        return plan.examples
+    g = plan.grounding
+    return [with_context(ex, h, tokenizer, g.context_tokens) for ex, h in zip(plan.examples, plan.hits)]
+
+
+def evaluate_side(side: Side, plan: Plan, gen, batch_size: int) -> tuple[list[dict], dict]:
     from tqdm.auto import tqdm
 
     t0 = time.time()
     with side.open() as (model, tokenizer, cfg):
         load_s = time.time() - t0
+        examples = side_examples(side, plan, tokenizer)
         with tqdm(total=len(examples), desc=f"{side.name}: perplexity", unit="q", dynamic_ncols=True) as bar:
             t1 = time.time()
             losses = answer_losses(model, tokenizer, cfg, examples, bar)
@@ -85,10 +100,19 @@ def evaluate_side(side: Side, examples, gen, batch_size: int) -> tuple[list[dict
             generations, stats = generate_batched(model, tokenizer, cfg, examples, gen, batch_size, bar)
     rows = [answer_metrics(g.text, ex.answer, g.stopped, g.new_tokens, loss, n)
             for ex, g, (loss, n) in zip(examples, generations, losses)]
+    if plan.grounding is not None:  # every answer's citations are checked, grounded side or not
+        for row, ex in zip(rows, plan.examples):
+            row["citation"] = citation_row(plan.grounding.check(row["answer"], ex.question, []))
     timing = {"load_s": round(load_s, 1), "perplexity_s": round(loss_s, 1), "generation_s": stats["seconds"],
               "new_tokens": stats["new_tokens"], "tokens_per_s": stats["tokens_per_s"]}
     return rows, timing
 
+
+def citation_row(report) -> dict:
+    """What samples.jsonl and the report keep of a citation check."""
+    return {"cites": report.cites, "citation_valid": report.citation_valid, "numbers": len(report.numbers),
+            "supported": sum(n.supported for n in report.numbers), "unsupported": report.unsupported,
+            "cited": [c.passage_id or c.ref for c in report.citations]}
 
 
 # =========================================================================== what to compare
@@ -97,29 +121,38 @@ def evaluate_side(side: Side, examples, gen, batch_size: int) -> tuple[list[dict
 MERGE_MARKER = "kolora-merge.json"
 
 
-def run_sides(run) -> tuple[Side, Side]:
-    """A run: its base model (adapter disabled) and the tuned adapter, loaded once."""
+def run_sides(run, grounded: bool = False, four_way: bool = False) -> list[Side]:
+    """A run: its base model (adapter disabled) and the tuned adapter, loaded once. A grounded
+    run compares both with retrieval (the same context on both sides); `four_way` adds both
+    without it."""
     loaded = {}
 
-    def tuned():
+    def model():
         if "m" not in loaded:
             loaded["m"] = load_tuned(run)
         return loaded["m"]
 
-    @contextmanager
-    def open_base():
-        model, tokenizer, cfg = tuned()
-        with model.disable_adapter():
-            yield model, tokenizer, cfg
-
-    @contextmanager
-    def open_tuned():
-        yield tuned()
-        loaded.clear()
+    def opener(base: bool, last: bool):
+        @contextmanager
+        def open_side():
+            m = model()
+            with m[0].disable_adapter() if base else nullcontext():
+                yield m
+            if last:
+                loaded.clear()
+        return open_side
 
     name = run.config().model.name
-    return (Side("base", f"{Path(name).name} (기본 모델)", name, open_base, untuned=True),
-            Side("tuned", f"{run.path.name} (튜닝)", str(run.path), open_tuned))
+    base_label, tuned_label = f"{Path(name).name} (기본 모델)", f"{run.path.name} (튜닝)"
+    if not grounded:
+        return [Side("base", base_label, name, opener(True, False), untuned=True),
+                Side("tuned", tuned_label, str(run.path), opener(False, True))]
+    sides = [Side("base", base_label + " + 검색", name, opener(True, False), untuned=True, grounded=True),
+             Side("tuned", tuned_label + " + 검색", str(run.path), opener(False, not four_way), grounded=True)]
+    if four_way:
+        sides += [Side("base_plain", base_label + " (검색 없이)", name, opener(True, False), untuned=True),
+                  Side("tuned_plain", tuned_label + " (검색 없이)", str(run.path), opener(False, True))]
+    return sides
 
 
 def _merged_run(path: Path):
@@ -208,6 +241,11 @@ def make_plan(args) -> Plan:
     target = Path(args.run).expanduser()
     merged = (target / MERGE_MARKER).is_file()
     run = _merged_run(target) if merged else open_run(str(target))
+    found = None if args.no_retrieval else grounding.load(run.path, run.config())
+    if args.four_way and found is None:
+        raise KoloraError("--four-way compares answers with and without retrieval: this run has no retrieval.corpus"
+                          if not args.no_retrieval else "--four-way and --no-retrieval contradict each other",
+                          "train with --retrieval.corpus data/statutes (see configs/gemma3-270m.yaml)")
     if args.against:
         other = Path(args.against).expanduser()
         if not other.is_dir():
@@ -218,12 +256,19 @@ def make_plan(args) -> Plan:
     elif merged:
         base, tuned = plain_base_side(target), merged_side(target)
         default_out = target / "eval"
+    if args.against or merged:
+        base.grounded = tuned.grounded = found is not None
+        sides = [base, tuned]
     else:
-        base, tuned = run_sides(run)
+        sides = run_sides(run, grounded=found is not None, four_way=args.four_way)
         default_out = target / "eval"
     examples, source = load_eval_examples(run, args.data, args.split, args.max_samples)
-    return Plan(str(target), examples, source, Path(args.out) if args.out else default_out, [base, tuned],
-                read_metrics(run.metrics), run.config())
+    plan = Plan(str(target), examples, source, Path(args.out) if args.out else default_out, sides,
+                read_metrics(run.metrics), run.config(), found)
+    if found is not None:
+        plan.hits = [found.retrieve(ex.question) for ex in examples]
+        plan.retrieval = found.recall(examples)
+    return plan
 
 
 
@@ -243,6 +288,10 @@ def add_arguments(p) -> None:
         "--max-new-tokens": "token budget per answer; an answer that has not ended with EOS by then counts as not stopping",
         "--temperature": "0 = greedy (default, deterministic)",
         "--repetition-penalty": "1.0 (default) measures the model as it is; chat's 1.1 would hide loops"})
+    p.add_argument("--no-retrieval", action="store_true",
+                   help="a grounded run answers without its retrieved passages (the ungrounded answer, for comparison)")
+    p.add_argument("--four-way", action="store_true",
+                   help="a grounded run: base and tuned, each with and without retrieval (four answers per question)")
     p.add_argument("--no-cache", action="store_true",
                    help="answer with the base model again even when an earlier eval of the same base, questions and "
                         "settings is cached (KOLORA_CACHE/eval-base)")
@@ -273,7 +322,10 @@ def base_cache_file(side: Side, plan: Plan, gen, batch_size: int) -> Path | None
     key = json.dumps({"model": model_fingerprint(model_path), "kolora": __version__, "torch": torch.__version__,
                       "dtype": inference_dtype(), "system": plan.cfg.data.system_prompt, "template": plan.cfg.data.template,
                       "gen": dataclasses.asdict(gen), "batch": batch_size,
-                      "questions": [[ex.question, ex.answer, ex.system, ex.history] for ex in plan.examples]},
+                      "questions": [[ex.question, ex.answer, ex.system, ex.history] for ex in plan.examples],
+                      # a grounded side's prompts hold the run's passages within its budget
+                      "context": ([[h.passage.id for h in hits] for hits in plan.hits], plan.grounding.context_tokens,
+                                  plan.grounding.corpus.fingerprint()) if side.grounded else None},
                      ensure_ascii=False, sort_keys=True, default=str)
     return cache_root() / "eval-base" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
@@ -292,7 +344,7 @@ def evaluate(plan: Plan, gen, batch_size: int, use_cache: bool = True) -> tuple[
                   f"eval: reusing {cached} (--no-cache to answer again)", file=sys.stderr, flush=True)
             continue
         print(f"[{side.name}] {side.label}: {n} questions", file=sys.stderr, flush=True)
-        results[side.name], timing[side.name] = evaluate_side(side, plan.examples, gen, batch_size)
+        results[side.name], timing[side.name] = evaluate_side(side, plan, gen, batch_size)
         if cached:
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_suffix(".tmp")
@@ -311,20 +363,27 @@ def evaluate(plan: Plan, gen, batch_size: int, use_cache: bool = True) -> tuple[
         "metric_notes": METRIC_NOTES,
         "base": base,
         "tuned": tuned,
+        **{s.name: side_block(results[s.name], plan.examples) for s in plan.sides if s.name not in SIDES},
         "delta": delta(base, tuned),
         "verdict": verdict(base, tuned),
         "warnings": (health_warnings(results["tuned"], gen, plan.cfg, "tuned")
                      + health_warnings(results["base"], gen, None, "base", untuned=plan.sides[0].untuned)),
         "timing": timing,
     }
+    if plan.grounding is not None:
+        metrics["retrieval"] = {"k": plan.grounding.k, "context_tokens": plan.grounding.context_tokens,
+                                "passages": len(plan.grounding.corpus), **(plan.retrieval or {})}
     samples = []
     for i, ex in enumerate(plan.examples):
         sample = {"id": i, "question": ex.question, "reference": ex.answer, "category": ex.category,
                   "difficulty": ex.difficulty}
-        for name in SIDES:
-            row = dict(results[name][i])
+        for side in plan.sides:
+            row = dict(results[side.name][i])
             row.pop("loss_sum")
-            sample[name] = row
+            sample[side.name] = row
+        if plan.hits:
+            sample["sources"] = [{"id": h.passage.id, "header": h.passage.header, "score": round(h.score, 3)}
+                                 for h in plan.hits[i]]
         b, t = sample["base"], sample["tuned"]
         sample["delta"] = {k: t[k] - b[k] for k in ("chrf", "rouge_l", "bleu", "fact_recall")
                            if t[k] is not None and b[k] is not None}
@@ -395,6 +454,26 @@ def summary_lines(metrics: dict) -> list[str]:
             lines.append(f"  {ljust(g, 18)}{t['n']:>4}{_fmt('chrf', b['chrf']) + '→' + _fmt('chrf', t['chrf']):>16}"
                          f"{_fmt('fact_recall', b['fact_recall']) + '→' + _fmt('fact_recall', t['fact_recall']):>16}"
                          f"{_fmt('perplexity', b['perplexity']) + '→' + _fmt('perplexity', t['perplexity']):>16}")
+    lines += grounded_lines(metrics)
+    return lines
+
+
+FOUR_WAY = (("base_plain", "base, no context"), ("base", "base + retrieval"), ("tuned_plain", "tuned, no retrieval"),
+            ("tuned", "tuned + retrieval"))
+
+
+def grounded_lines(metrics: dict) -> list[str]:
+    """Retrieval recall, and the four answers side by side when they were all asked for."""
+    lines = []
+    r = metrics.get("retrieval")
+    if r and r.get("questions"):
+        lines.append(f"retrieval: top {r['k']} of {r['passages']} passages; cited article found for "
+                     + ", ".join(f"@{k} {r[f'recall@{k}']:.2f}" for k in (1, 3, 5)) + f" of {r['questions']} questions")
+    if "base_plain" in metrics:
+        shown = ("fact_recall", "chrf", "perplexity", "citation_valid", "facts_supported", "eos_rate")
+        lines.append(f"{'':<22}" + "".join(f"{METRICS[m][1][:14]:>15}" for m in shown))
+        for name, label in FOUR_WAY:
+            lines.append(f"{label:<22}" + "".join(f"{_fmt(m, metrics[name].get(m)):>15}" for m in shown))
     return lines
 
 

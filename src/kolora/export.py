@@ -169,6 +169,14 @@ def chatml_default_system(run_tokenizer) -> str | None:
     return None
 
 
+GROUNDED_NOTE = [
+    "# This model was trained to answer from retrieved statute text (retrieval.corpus): without the",
+    "# passages before the question it answers from memory, and mostly wrong. Ollama does no retrieval:",
+    "# `kolora serve RUN` retrieves, answers and returns the sources (OpenAI API + web page); or put the",
+    "# passages in the user message yourself, as `### 참고 조문:` followed by `### 질문:` (see kolora's prompt.py).",
+]
+
+
 def modelfile(gguf_name: str, kind: str, run_tokenizer, cfg, gen) -> tuple[str, str]:
     """(Modelfile text, how its TEMPLATE was made). Ollama templates are Go templates, so known
     formats are translated; an unknown one is left to Ollama's own detection from the GGUF."""
@@ -176,7 +184,10 @@ def modelfile(gguf_name: str, kind: str, run_tokenizer, cfg, gen) -> tuple[str, 
 
     system = cfg.data.system_prompt
     stops = [run_tokenizer.eos_token]
-    lines = ["# Ollama: ollama create NAME -f Modelfile && ollama run NAME", f"FROM ./{gguf_name}"]
+    lines = ["# Ollama: ollama create NAME -f Modelfile && ollama run NAME"]
+    if cfg.retrieval.corpus:
+        lines += GROUNDED_NOTE
+    lines.append(f"FROM ./{gguf_name}")
     if kind == "kolora-fallback":
         lines.append("TEMPLATE " + _go_string(FALLBACK_GO.replace("Q_MARK", Q_MARK).replace("A_MARK", A_MARK)))
         stops.append(Q_MARK)  # a model that forgets EOS would write the next question itself
@@ -423,6 +434,7 @@ def export(run_path: str, out: str, quant: str = "q8_0", force: bool = False, ke
         "merge_max_logit_diff": merge_result["max_logit_diff"], "convert_seconds": round(seconds, 1),
         "round_trip": rt, "seconds": round(time.time() - t0, 1),
         "converter": "llama.cpp convert_hf_to_gguf.py from llama-cpp-python 0.3.36 (vendored)",
+        "grounded": bool(cfg.retrieval.corpus),
     }
     result["ok"] = rt.get("ok", True)
     (out_dir / "kolora-export.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -467,6 +479,10 @@ def report(result: dict, out_dir: Path) -> None:
           f"chat template: {result['chat_template']})")
     print(f"Ollama: {out_dir / 'Modelfile'} (template: {result['modelfile_template']}) — "
           f"cd {out_dir} && ollama create NAME -f Modelfile")
+    if result.get("grounded"):
+        print("NOTE: this run is grounded — it expects retrieved statute text before each question, which "
+              "llama.cpp and Ollama do not add. Serve it with `kolora serve RUN` (retrieval + sources), or put the "
+              "passages in the prompt yourself (see the Modelfile's comment).")
     if "prompts" not in rt:
         print(f"WARNING: round trip NOT checked ({rt['reason']})", file=sys.stderr)
         return

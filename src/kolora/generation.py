@@ -145,7 +145,7 @@ def generate_batched(model, tokenizer, cfg, examples: list[Example], gen: GenCon
     `base` the adapter is disabled (the base model answers). Returns (generations, speed)."""
     from contextlib import nullcontext
 
-    prompts = [encode_prompt(tokenizer, Example(ex.question, "", history=ex.history, system=ex.system),
+    prompts = [encode_prompt(tokenizer, Example(ex.question, "", history=ex.history, system=ex.system, context=ex.context),
                              cfg.data.system_prompt, cfg.data.template) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results = [None] * len(prompts)
@@ -165,10 +165,12 @@ def generate_batched(model, tokenizer, cfg, examples: list[Example], gen: GenCon
 
 
 # --------------------------------------------------------------------------- after training
-def health_check(model, tokenizer, cfg, examples, gen=None) -> list[str]:
+def health_check(model, tokenizer, cfg, examples, gen=None, check=None) -> list[str]:
     """Answer a handful of (validation) questions with the freshly trained adapter and return
     warnings for answers that never end with EOS or that loop, each with its likely cause.
-    An empty list means the answers looked healthy."""
+    With `check(answer, question)` (a grounded run's citation check) also for answers that cite
+    an article the corpus lacks or state a number no cited article holds. An empty list means
+    the answers looked healthy."""
     if not examples:
         return []
     gen = gen or GenConfig(max_new_tokens=192, repetition_penalty=1.0)
@@ -181,4 +183,12 @@ def health_check(model, tokenizer, cfg, examples, gen=None) -> list[str]:
     rows = [{"eos": g.stopped, "loop": find_loop(g.text),
              "answer_tokens": len(tokenizer(ex.answer, add_special_tokens=False).input_ids) + 1}
             for ex, g in zip(examples, generations)]
-    return health_warnings(rows, gen, cfg, "health check")
+    warnings = health_warnings(rows, gen, cfg, "health check")
+    if check is not None:
+        claims = [(ex, c) for ex, g in zip(examples, generations) for c in check(g.text, ex.question).unsupported]
+        if claims:
+            n = len({id(ex) for ex, _ in claims})
+            warnings.append(f"health check: {n}/{len(examples)} answers make claims the corpus does not support "
+                            f"(e.g. «{claims[0][1]}» for «{claims[0][0].question[:40]}»): the model is not yet "
+                            "answering from its passages — train longer, or raise retrieval.oracle_p")
+    return warnings

@@ -35,6 +35,7 @@ th{background:#f1f3f4}td.num{text-align:right;font-variant-numeric:tabular-nums;
 .better{color:#188038;font-weight:600}.worse{color:#d93025;font-weight:600}.same{color:#5f6368}
 .warn{background:#fef7e0;border-left:4px solid #f9ab00;padding:8px 12px;margin:6px 0}
 .ok{background:#e6f4ea;border-left:4px solid #188038;padding:8px 12px;margin:6px 0}
+.unsupported{background:#fce8e6;color:#a50e0e;padding:2px 6px;margin:3px 0;font-size:12px;border-radius:4px}
 .grid{display:flex;flex-wrap:wrap;gap:16px}.chart{flex:0 1 370px}
 .ans{max-height:14em;overflow:auto;white-space:pre-wrap}
 .badge{display:inline-block;font-size:.75em;padding:0 5px;border-radius:3px;margin:2px 2px 0 0;background:#e8eaed}
@@ -173,6 +174,28 @@ def summary_table(metrics: dict) -> str:
                f"{metrics['tuned'].get('facts', 0)} checkable facts.</small></p>" if ref_len else ""))
 
 
+FOUR_WAY = (("base_plain", "base, no context 검색 없이"), ("base", "base + retrieval 검색"),
+            ("tuned_plain", "tuned, no retrieval 검색 없이"), ("tuned", "tuned + retrieval 검색"))
+FOUR_WAY_METRICS = ("fact_recall", "chrf", "perplexity", "citation_valid", "facts_supported", "eos_rate")
+
+
+def grounding_section(metrics: dict) -> str:
+    """Retrieval recall and, with `kolora eval --four-way`, the four answers side by side."""
+    r = metrics.get("retrieval")
+    if not r:
+        return ""
+    out = [f"<p>top {r['k']} of {r['passages']} passages, {r['context_tokens']} context tokens; the cited article "
+           "was retrieved for " + ", ".join(f"@{k}: {fmt('fact_recall', r.get(f'recall@{k}'))}" for k in (1, 3, 5))
+           + f" of {r.get('questions', 0)} questions citing one.</p>"]
+    if "base_plain" in metrics:
+        head = "".join(f"<th>{escape(name)}</th>" for name in FOUR_WAY_METRICS)
+        rows = "".join(f"<tr><td>{escape(label)}</td>" + "".join(
+            f"<td class=num>{fmt(m, metrics[key].get(m))}</td>" for m in FOUR_WAY_METRICS) + "</tr>"
+            for key, label in FOUR_WAY)
+        out.append(f"<table class=summary><tr><th>answer</th>{head}</tr>{rows}</table>")
+    return "".join(out)
+
+
 def _badges(side: dict) -> str:
     out = []
     if not side.get("eos"):
@@ -186,7 +209,16 @@ def _badges(side: dict) -> str:
     for f in side.get("facts_reference") or []:
         cls = "good" if f in stated else "bad"
         out.append(f'<span class="badge {cls}">{"✓" if f in stated else "✗"} {escape(f)}</span>')
+    for claim in (side.get("citation") or {}).get("unsupported") or []:  # grounded runs: the citation check
+        out.append(f'<div class="unsupported">⚠ {escape(claim)}</div>')
     return "".join(out)
+
+
+def _sources(sample: dict) -> str:
+    """The passages a grounded run retrieved for the question."""
+    if not sample.get("sources"):
+        return ""
+    return "<br><small>근거 후보: " + ", ".join(escape(x["header"]) for x in sample["sources"]) + "</small>"
 
 
 def samples_table(samples: list[dict]) -> str:
@@ -196,7 +228,7 @@ def samples_table(samples: list[dict]) -> str:
         where = " / ".join(escape(x) for x in (s.get("category"), s.get("difficulty")) if x)
         rows.append(
             f"<tr class=sample><td class=num>{s['id'] + 1}<br><small>{where}</small></td>"
-            f"<td>{escape(s['question'])}</td><td><div class=ans>{escape(s['reference'])}</div></td>"
+            f"<td>{escape(s['question'])}{_sources(s)}</td><td><div class=ans>{escape(s['reference'])}</div></td>"
             f"<td><div class=ans>{escape(s['base']['answer'])}</div>{_badges(s['base'])}</td>"
             f"<td><div class=ans>{escape(s['tuned']['answer'])}</div>{_badges(s['tuned'])}</td>"
             f"<td class=num>{signed(d.get('chrf'), 1)}<br><small>facts {signed(d.get('fact_recall'))}"
@@ -222,6 +254,8 @@ def render_report(metrics: dict, samples: list[dict], loss: dict[str, list[tuple
         f', max_new_tokens {gen.get("max_new_tokens")}, repetition_penalty {gen.get("repetition_penalty")}'
         + (f' · {timing["total_s"]:.0f} s' if isinstance(timing.get("total_s"), (int, float)) else "") + "</p>",
         '<h2 id="summary">요약 Summary</h2>', summary_table(metrics),
+        *(['<h2 id="grounding">검색과 근거 Retrieval and citations</h2>', grounding_section(metrics)]
+          if metrics.get("retrieval") else []),
         '<h2 id="health">답변 상태 Health</h2>', health,
         '<h2 id="loss">학습 곡선 Loss curves</h2>', line_chart(loss),
         '<h2 id="metrics">지표 Metrics (base vs tuned)</h2>', group_charts(metrics, None),
@@ -232,7 +266,9 @@ def render_report(metrics: dict, samples: list[dict], loss: dict[str, list[tuple
         sections += ['<h2 id="by-difficulty">난이도별 By difficulty</h2>', group_charts(metrics, "by_difficulty")]
     sections += ['<h2 id="samples">문항별 답변 Answers (worst regressions first)</h2>',
                  "<p><small>Ordered by the change in fact recall, then in chrF, tuned minus base: the questions "
-                 "where fine-tuning hurt most come first. ✓/✗: reference facts the answer states or misses.</small></p>",
+                 "where fine-tuning hurt most come first. ✓/✗: reference facts the answer states or misses; "
+                 "⚠: a cited article the corpus lacks, or a number no cited article (nor the question) states."
+                 "</small></p>",
                  samples_table(samples)]
     notes = "".join(f"<li><b>{escape(k)}</b>: {escape(v)}</li>" for k, v in (metrics.get("metric_notes") or {}).items())
     sections += ['<h2 id="definitions">정의 Definitions</h2>', f"<ul>{notes}</ul>"]

@@ -27,6 +27,8 @@ METRICS = {
     "rouge_l": (True, "ROUGE-L"),
     "bleu": (True, "BLEU"),
     "fact_recall": (True, "fact recall"),
+    "citation_valid": (True, "citations valid"),
+    "facts_supported": (True, "facts supported"),
     "eos_rate": (True, "EOS rate"),
     "distinct_2": (True, "distinct-2"),
     "loop_rate": (False, "loop rate"),
@@ -41,6 +43,10 @@ METRIC_NOTES = {
     "bleu": "sacrebleu BLEU with tokenize='char' (syllables, whitespace ignored), corpus-level, 0-100",
     "fact_recall": "reference facts (statute refs, periods, amounts, fractions, percentages, counts) stated by the answer "
                    "/ all reference facts (micro average); null when the references hold no facts",
+    "citation_valid": "grounded runs: share of answers citing an article whose every cited article exists in the corpus; "
+                      "null when no answer cites one",
+    "facts_supported": "grounded runs: share of the numbers answers state (periods, amounts, fractions, percentages, "
+                       "counts) found in an article the answer cites, in the passages it was given, or in the question",
     "eos_rate": "share of answers that ended with EOS within max_new_tokens",
     "distinct_2": "unique / total word bigrams within an answer, mean over answers (1.0 = no bigram repeated)",
     "loop_rate": "share of answers with a loop: a word 4-gram occurring 3+ times, or one span of 4-50 characters "
@@ -192,7 +198,21 @@ def aggregate(rows: list[dict], references: list[str]) -> dict:
         "reference_length": ref_len,
         "length_ratio": length / ref_len if length is not None and ref_len else None,
         "mean_new_tokens": _mean(r["new_tokens"] for r in rows),
+        **citation_block(rows),
     }
+
+
+def citation_block(rows: list[dict]) -> dict:
+    """citation_valid and facts_supported over rows that carry a citation check (grounded runs)."""
+    checked = [r["citation"] for r in rows if r.get("citation")]
+    if not checked:
+        return {}
+    citing = [c for c in checked if c["cites"]]
+    numbers = sum(c["numbers"] for c in checked)
+    return {"citation_valid": sum(c["citation_valid"] for c in citing) / len(citing) if citing else None,
+            "citing": len(citing),
+            "facts_supported": sum(c["supported"] for c in checked) / numbers if numbers else None,
+            "numbers": numbers}
 
 
 def group_by(examples, key: str) -> dict[str, list[int]]:

@@ -6,6 +6,9 @@ this documented fallback:
 
     {system}            <- only when a system prompt is set
                         <-
+    ### 참고 조문:        <- only with retrieved passages (retrieval.corpus)
+    {passages}
+                        <-
     ### 질문:
     {question}
 
@@ -25,6 +28,15 @@ from .data import Example
 
 IGNORE = -100
 Q_MARK, A_MARK = "### 질문:", "### 답변:"
+CONTEXT_MARK = "### 참고 조문:"
+
+
+def user_text(ex: Example) -> str:
+    """The user's turn: the question, after the retrieved passages when there are any. With a
+    chat template this is the user message; the fallback template lays out the same parts."""
+    if not ex.context:
+        return ex.question
+    return f"{CONTEXT_MARK}\n{ex.context}\n\n{Q_MARK}\n{ex.question}"
 
 
 def uses_chat_template(tokenizer, template: str = "auto") -> bool:
@@ -36,12 +48,14 @@ def render_prompt(tokenizer, ex: Example, system_prompt: str | None = None, temp
     system = ex.system or system_prompt
     if uses_chat_template(tokenizer, template):
         messages = ([{"role": "system", "content": system}] if system else []) + list(ex.history)
-        messages.append({"role": "user", "content": ex.question})
+        messages.append({"role": "user", "content": user_text(ex)})
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     parts = [system, ""] if system else []
     for turn in ex.history:
         mark = Q_MARK if turn["role"] == "user" else A_MARK
         parts += [mark, turn["content"], ""]
+    if ex.context:
+        parts += [CONTEXT_MARK, ex.context, ""]
     parts += [Q_MARK, ex.question, "", A_MARK, ""]
     return "\n".join(parts)
 

@@ -22,10 +22,10 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import __version__
+from . import __version__, grounding
 from . import checkpoint as ckpt
 from .batching import LengthGroupedBatches, Tokenized, collate, fact_token_share, tokenize_split
 from .config import RunConfig, add_config_flags, apply_flags, build_config, save_yaml
@@ -43,6 +43,7 @@ from .device import (
 from .errors import KoloraError, Stopped
 from .estimator import plan_lines
 from .generation import health_check
+from .grounding import corpus_paths
 from .interrupts import Faults, StopRequest
 from .loss import EVAL_BATCH_MIN, answer_loss_module, evaluate_loss
 from .models import ModelSource, attach_lora, load_model, load_tokenizer, resolve
@@ -137,6 +138,9 @@ class Trainer:
     tb: object = None
     stop_reason: str = "max steps"
     train_time: float = 0.0
+    plain: dict = field(default_factory=dict)  # the splits before retrieval added context
+    grounding: object = None  # grounding.Grounding when retrieval.corpus is set
+    retrieval_recall: dict | None = None
 
     def say(self, *a) -> None:
         if self.is_main:
@@ -195,6 +199,7 @@ def setup_run(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, st
     faults = Faults()
     cfg.model.name, cfg.data.path = absolute(cfg.model.name), absolute(cfg.data.path)
     cfg.data.train_only = [absolute(v) for v in cfg.data.train_only or []]
+    cfg.retrieval.corpus = [absolute(v) for v in corpus_paths(cfg)]
     run = Run(Path(resume or cfg.train.output_dir or default_output_dir(cfg.model.name)))
     if not resume and not dry_run and run.path.is_dir() and any(run.path.iterdir()):
         if not force:
@@ -223,6 +228,9 @@ def setup_data(t: Trainer) -> None:
         t.say(line)
     t.src = resolve(cfg.model.name)
     t.tokenizer = load_tokenizer(t.src, cfg.model.trust_remote_code)
+    t.plain = {name: list(rows) for name, rows in t.splits.items()}  # what data/*.jsonl keeps: no context
+    if corpus_paths(cfg):
+        ground_splits(t)
     dropped = {}
     for name in SPLITS:
         weight = cfg.train.fact_weight if name == "train" else 1.0
@@ -257,15 +265,41 @@ def setup_data(t: Trainer) -> None:
           f"precision {t.precision.mixed}, device {t.accelerator.device}")
 
 
+def ground_splits(t: Trainer) -> None:
+    """Retrieved passages before every question (retrieval.corpus): the index learns from the
+    training questions only; held-out rows are retrieved for exactly as chat and eval will."""
+    cfg = t.cfg
+    t.grounding = grounding.build(cfg, t.splits["train"])
+    for line in t.grounding.corpus.report + t.grounding.index.report:
+        t.say(line)
+    t.splits["train"], counts = grounding.ground_training(t.grounding, cfg, t.splits["train"], t.tokenizer)
+    for name in ("validation", "test"):
+        t.splits[name], _ = t.grounding.ground(t.splits[name], t.tokenizer)
+    r = cfg.retrieval
+    t.say(f"retrieval: {len(t.grounding.corpus)} passages, top {r.k} within {r.context_tokens} tokens "
+          f"({r.tokenizer}); training rows citing an article: {counts['citing']} of {counts['rows']}, "
+          f"retrieved {counts['retrieved']}, oracle inserted {counts['inserted']} (oracle_p {r.oracle_p:g}), "
+          f"missed {counts['missed']}")
+    held_out = t.plain["validation"] + t.plain["test"]
+    if held_out:
+        rec = t.grounding.recall(held_out)
+        if rec["questions"]:
+            t.say(f"retrieval on validation+test ({rec['questions']} questions citing an article): "
+                  + ", ".join(f"recall@{k} {rec[f'recall@{k}']:.2f}" for k in (1, 3, 5)))
+            t.retrieval_recall = rec
+
+
 def write_run_directory(t: Trainer) -> None:
     """The run directory describes itself before the model loads: a run killed at any moment
     from here on can be resumed with `--resume`."""
     if t.is_main and not t.resume:
         (t.run.path / "data").mkdir(parents=True, exist_ok=True)
         save_yaml(t.cfg, t.run.config_file, f"# kolora train --config {t.run.config_file}\n")
-        for name in SPLITS:
-            write_jsonl(t.splits[name], t.run.split(name))
+        for name in SPLITS:  # without context: chat and eval retrieve again from the saved index
+            write_jsonl([replace(ex, context=None) for ex in t.splits[name]], t.run.split(name))
         t.tokenizer.save_pretrained(t.run.tokenizer)
+        if t.grounding:
+            t.grounding.save(t.run.path)
 
 
 # --------------------------------------------------------------------------- 3. model + LoRA
@@ -305,6 +339,10 @@ def setup_model(t: Trainer) -> None:
                       "batching": [cfg.train.batch_size, cfg.train.grad_accum, t.accelerator.num_processes]}
     if cfg.train.fact_weight != 1:  # only when set, so checkpoints from before the key still resume
         t.fingerprints["fact_weight"] = cfg.train.fact_weight
+    if t.grounding:  # the prompts depend on the corpus and the retrieval settings
+        t.fingerprints["retrieval"] = {"corpus": t.grounding.corpus.fingerprint(), "k": cfg.retrieval.k,
+                                       "context_tokens": cfg.retrieval.context_tokens, "oracle_p": cfg.retrieval.oracle_p,
+                                       "tokenizer": cfg.retrieval.tokenizer, "expand": cfg.retrieval.expand}
 
 
 # --------------------------------------------------------------------------- 4. optimizer, schedule, resume
@@ -358,7 +396,8 @@ def open_logs(t: Trainer) -> None:
                           lora_targets=t.targets, trainable_params=t.n_train, total_params=t.n_all,
                           processes=t.accelerator.num_processes, quantization=cfg.model.quantization,
                           quantized_modules=t.quantized, compile=t.compile_why, data_report=t.data_report,
-                          dropped_too_long=t.n_dropped, fingerprints=t.fingerprints)
+                          dropped_too_long=t.n_dropped, fingerprints=t.fingerprints,
+                          retrieval_recall=t.retrieval_recall)
     t.accelerator.wait_for_everyone()
     t.metrics_file = open(t.run.metrics, "a", encoding="utf-8") if t.is_main else None
     if t.is_main and cfg.train.tensorboard:
@@ -583,7 +622,9 @@ def report_summary(t: Trainer, summary: dict, final_val: float | None) -> None:
     if t.cfg.train.health_check and validation:
         n = min(t.cfg.train.health_check, len(validation))
         t.say(f"health check: answering {n} validation questions …")
-        warnings = health_check(t.unwrapped.model, t.tokenizer, t.cfg, validation[:t.cfg.train.health_check])
+        check = (lambda answer, question: t.grounding.check(answer, question, [])) if t.grounding else None
+        warnings = health_check(t.unwrapped.model, t.tokenizer, t.cfg, validation[:t.cfg.train.health_check],
+                                check=check)
         t.run.update_info(health_warnings=warnings)
         for w in warnings:
             t.say(f"warning: {w}")

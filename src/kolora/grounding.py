@@ -1,0 +1,197 @@
+"""Grounded answers: retrieve the statute text, put it before the question, cite it.
+
+A 270M model does not memorise 169 articles through LoRA ("LoRA learns the style, not the
+facts"), so a grounded run gives it the article text at training and at answer time and
+trains it to answer from that text (RAFT, Zhang et al. 2024):
+
+- the corpus (`retrieval.corpus`: statutes split at 제N조, or JSONL passages) is indexed with
+  BM25, each passage together with the training questions whose answers cite it (document
+  expansion); the index is saved in the run (`<run>/index/`), so chat, eval and serve
+  retrieve exactly what training did, and refuse a corpus that changed since;
+- training rows get their passages from an index that does not hold their own question
+  (5-fold cross-fitting): otherwise a training question would always find its own article
+  through its own expansion, and the model would never see the misses it meets at test time;
+- in a share `retrieval.oracle_p` of training rows the cited article is put among the k
+  passages at a random position when retrieval missed it (seeded per row, so a resumed run
+  sees the same prompts); the rest keep retrieval as it came, distractors only;
+- the passages fill a token budget (`retrieval.context_tokens`); a long article keeps its
+  first paragraphs. Context tokens are prompt tokens: they never carry labels.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .citations import check_answer
+from .config import RunConfig
+from .corpus import Corpus, Passage, cited_passages, load_corpus
+from .data import Example
+from .errors import KoloraError
+from .retrieval import Hit, Index, build_index, recall_at_k
+
+INDEX_DIR = "index"
+FOLDS = 5
+NO_SOURCES = "(검색된 조문 없음)"  # what the prompt says when retrieval finds nothing
+
+
+@dataclass
+class Grounding:
+    corpus: Corpus
+    index: Index  # over all training questions: what answering uses
+    k: int
+    context_tokens: int
+
+    # ------------------------------------------------------------------ answering
+    def retrieve(self, question: str) -> list[Hit]:
+        return self.index.search(question, self.k)
+
+    def ground(self, examples: list[Example], tokenizer) -> tuple[list[Example], list[list[Hit]]]:
+        """The examples with their retrieved passages as context, and the hits (the sources)."""
+        hits = [self.retrieve(ex.question) for ex in examples]
+        return [with_context(ex, h, tokenizer, self.context_tokens) for ex, h in zip(examples, hits)], hits
+
+    def cited(self, examples: list[Example]) -> list[list[str]]:
+        """The corpus passages each example's answer cites (the oracle of RAFT)."""
+        reader = self.corpus.reader()
+        return [cited_passages(ex.answer, reader, reader.last_named(ex.question)) for ex in examples]
+
+    def recall(self, examples: list[Example]) -> dict:
+        """recall@1/3/5 of the cited article over examples whose answers cite one."""
+        return recall_at_k(self.index, [ex.question for ex in examples], self.cited(examples), ks=(1, 3, 5))
+
+    def check(self, answer: str, question: str, hits: list[Hit]):
+        return check_answer(answer, question, self.corpus, [h.passage for h in hits])
+
+    def save(self, run_path: Path) -> Path:
+        return self.index.save(Path(run_path) / INDEX_DIR)
+
+
+def corpus_paths(cfg: RunConfig) -> list[str]:
+    paths = cfg.retrieval.corpus
+    return [paths] if isinstance(paths, str) else list(paths or [])
+
+
+def build(cfg: RunConfig, train: list[Example]) -> Grounding:
+    """Load the corpus and index it, expanded with the training questions (never held-out ones)."""
+    r = cfg.retrieval
+    if r.k < 1 or r.context_tokens < 16 or not 0 <= r.oracle_p <= 1:
+        raise KoloraError(f"retrieval.k {r.k}, retrieval.context_tokens {r.context_tokens}, retrieval.oracle_p {r.oracle_p}",
+                          "k ≥ 1, context_tokens ≥ 16 and 0 ≤ oracle_p ≤ 1")
+    corpus = load_corpus(corpus_paths(cfg))
+    g = Grounding(corpus, None, r.k, r.context_tokens)
+    g.index = build_index(corpus, _expansions(g.cited(train), train) if r.expand else None, r.tokenizer)
+    return g
+
+
+def _expansions(cited: list[list[str]], examples: list[Example], skip=lambda i: False) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for i, (ids, ex) in enumerate(zip(cited, examples)):
+        if skip(i):
+            continue
+        for pid in ids:
+            out.setdefault(pid, []).append(ex.question)
+    return out
+
+
+def load(run_path: Path, cfg: RunConfig) -> Grounding | None:
+    """The run's saved index, checked against the corpus it names (None for an ungrounded run)."""
+    if not corpus_paths(cfg):
+        return None
+    directory = Path(run_path) / INDEX_DIR
+    if not directory.is_dir():
+        raise KoloraError(f"{run_path} was trained with retrieval.corpus but has no {INDEX_DIR}/ directory",
+                          "train it again; the index is written before the model loads")
+    corpus = load_corpus(corpus_paths(cfg))
+    index = Index.load(directory, corpus)  # refuses a corpus changed since training, naming the file
+    return Grounding(corpus, index, cfg.retrieval.k, cfg.retrieval.context_tokens)
+
+
+def ground_training(g: Grounding, cfg: RunConfig, train: list[Example], tokenizer) -> tuple[list[Example], dict]:
+    """Training rows with context: cross-fitted retrieval, then RAFT's oracle rule. Returns the
+    rows and counts for the report."""
+    r = cfg.retrieval
+    cited = g.cited(train)
+    folds = []
+    for f in range(FOLDS):  # index f holds the expansions of every training row outside fold f
+        expansions = _expansions(cited, train, skip=lambda i, f=f: i % FOLDS == f) if r.expand else None
+        folds.append(build_index(g.corpus, expansions, r.tokenizer))
+    out, counts = [], {"rows": len(train), "citing": 0, "retrieved": 0, "inserted": 0, "missed": 0}
+    for i, (ex, ids) in enumerate(zip(train, cited)):
+        hits = folds[i % FOLDS].search(ex.question, r.k)
+        rng = random.Random(cfg.train.seed * 1_000_003 + i)  # per row: independent of every other row
+        draw, position = rng.random(), rng.randrange(r.k)
+        if ids:
+            counts["citing"] += 1
+            if any(h.passage.id in ids for h in hits):
+                counts["retrieved"] += 1
+            elif draw < r.oracle_p:
+                oracle = Hit(g.corpus.get(ids[0]), 0.0, 0)
+                hits = hits[:r.k - 1]
+                hits.insert(min(position, len(hits)), oracle)
+                counts["inserted"] += 1
+            else:
+                counts["missed"] += 1
+        out.append(with_context(ex, hits, tokenizer, r.context_tokens))
+    return out, counts
+
+
+# --------------------------------------------------------------------------- the context text
+def with_context(ex: Example, hits: list[Hit], tokenizer, budget: int) -> Example:
+    return replace(ex, context=render_context([h.passage for h in hits], tokenizer, budget))
+
+
+def render_context(passages: list[Passage], tokenizer, budget: int) -> str:
+    """'[header]\\ntext' per passage, in rank order, each within budget/len(passages) tokens."""
+    if not passages:
+        return NO_SOURCES
+    share = max(8, budget // len(passages))
+    return "\n\n".join(_trimmed(p, tokenizer, share) for p in passages)
+
+
+_TRIM_CACHE: dict = {}
+
+
+def _trimmed(p: Passage, tokenizer, cap: int) -> str:
+    """The passage within `cap` tokens: whole lines (paragraphs) while they fit, else the first
+    characters that do, marked with '…'."""
+    key = (p.id, p.text, cap, getattr(tokenizer, "name_or_path", id(tokenizer)), len(tokenizer))
+    if key in _TRIM_CACHE:
+        return _TRIM_CACHE[key]
+
+    def size(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    head = f"[{p.header}]"
+    full = f"{head}\n{p.text}"
+    if size(full) <= cap:
+        out = full
+    else:
+        lines, kept = p.text.split("\n"), []
+        for line in lines:
+            if size("\n".join([head, *kept, line, "…"])) > cap:
+                break
+            kept.append(line)
+        if kept:
+            out = "\n".join([head, *kept, "…"])
+        else:  # even the first paragraph is too long: the longest prefix that fits
+            lo, hi = 0, len(lines[0])
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if size(f"{head}\n{lines[0][:mid]} …") <= cap:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            out = f"{head}\n{lines[0][:lo]} …"
+    _TRIM_CACHE[key] = out
+    return out
+
+
+def sources_line(hits: list[Hit], cited_ids: set[str] | None = None) -> str:
+    """'근거: 주택임대차보호법 제3조의2(보증금의 회수), …' — the passages the answer cites when it
+    cites any of them, else every passage it was given."""
+    if not hits:
+        return "근거: 검색된 조문 없음 (no sources found)"
+    shown = [h for h in hits if cited_ids and h.passage.id in cited_ids] or hits
+    return "근거: " + ", ".join(h.passage.header for h in shown)
