@@ -39,6 +39,7 @@ _SUPPLEMENT = re.compile(r"^\s*부\s?칙\s*(?:\([^)]*\))?\s*(?:<[^>]*>)?\s*$")
 _DIVISION = re.compile(r"^\s*제\s?\d+\s?(?:편|장|절|관)(?:\s|$)")  # 제1편 총칙, 제2장 인, …
 _DELETED = re.compile(r"^삭제\s*(?:<[^>]*>)?\s*$")
 _PARAGRAPH_MARK = re.compile(r"^\s*([\u2460-\u2473])", re.M)  # ① … ⑳ at the start of a line
+_DOC_FILE = re.compile(r"^(?:README|SOURCES?|LICEN[CS]E|NOTICE)(?:\.|$)", re.I)
 _MD_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!|>~])")
 
 
@@ -143,7 +144,8 @@ def load_corpus(paths: list[str | Path] | str | Path) -> Corpus:
     files: list[CorpusFile] = []
     report: list[str] = []
     seen: dict[str, Passage] = {}
-    for name, path in _files(paths):
+    notes: list[str] = []
+    for name, path in _files(paths, notes):
         cfile, found, lines = _load_file(name, path)
         for p in found:
             if p.id in seen:
@@ -154,12 +156,14 @@ def load_corpus(paths: list[str | Path] | str | Path) -> Corpus:
         passages += found
         files.append(cfile)
         report += lines
-    return Corpus(passages, files, report)
+    return Corpus(passages, files, report + notes)
 
 
-def _files(paths) -> list[tuple[str, Path]]:
+def _files(paths, notes: list[str]) -> list[tuple[str, Path]]:
     """(name, path) per file. A folder's files are named by their path inside the folder's
-    parent ('statutes/민법.md') so the names do not depend on where the data lives."""
+    parent ('statutes/민법.md') so the names do not depend on where the data lives. Inside a
+    folder, README/SOURCES/LICENSE/NOTICE files document the corpus and are not part of it
+    (listed in `notes`); any other file there must parse."""
     out = []
     for raw in paths:
         p = Path(raw).expanduser()
@@ -169,7 +173,9 @@ def _files(paths) -> list[tuple[str, Path]]:
             inside = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
             if not inside:
                 raise KoloraError(f"{raw}: no corpus files in this folder", f"put {FORMATS} files there")
-            out += [(f.relative_to(p.parent).as_posix(), f) for f in inside]
+            docs = [f for f in inside if _DOC_FILE.match(f.name)]
+            notes += [f"not read (documentation): {f.relative_to(p.parent).as_posix()}" for f in docs]
+            out += [(f.relative_to(p.parent).as_posix(), f) for f in inside if f not in docs]
         else:
             if p.suffix.lower() not in SUFFIXES:
                 raise KoloraError(f"{raw}: unsupported corpus file type '{p.suffix}'", f"use {FORMATS}")
