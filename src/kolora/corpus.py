@@ -98,6 +98,13 @@ class Corpus:
     def __post_init__(self) -> None:
         self._by_id = {p.id: p for p in self.passages}
         self._by_article = {(law_key(p.law), p.article): p for p in self.passages if p.law and p.article}
+        self._reader: CitationReader | None = None
+
+    def reader(self) -> CitationReader:
+        """The citation reader for this corpus, built once (it compiles the law names)."""
+        if self._reader is None:
+            self._reader = CitationReader(self)
+        return self._reader
 
     def __len__(self) -> int:
         return len(self.passages)
@@ -451,10 +458,11 @@ class CitationReader:
             while mi < len(mentions) and mentions[mi][0] < m.start():
                 named.append(mentions[mi][1])
                 mi += 1
-            last = named[-1] if named else None
+            # before any law is named, `default_law` (e.g. the question's) is the context
+            last = named[-1] if named else (self.canonical(default_law)[0] if default_law else None)
             law, how = self._law_before(text[max(0, m.start() - 80):m.start()], last)
-            if law is None and default_law:
-                law, how = self.canonical(default_law)[0], "default"
+            if not named and how == "last named":
+                how = "default"
             article = article_key(m[1], m[2])
             if how == "last named" and self.canonical(law)[1] and not self.corpus.article(law, article):
                 # '주택임대차보호법 제3조의4는 민법 제621조에 따른 등기에 제3조의3을 준용': not 민법's
@@ -476,6 +484,13 @@ class CitationReader:
                                 paragraph=int(m[3]) if m[3] else None, item=int(m[4]) if m[4] else None,
                                 start=m.start(), how=how, passage_id=hit.id if hit else None))
         return out
+
+    def last_named(self, text: str) -> str | None:
+        """The law named last in a text ('주택임대차보호법에서 …' → that law), or None."""
+        from .evaluate import normalize
+
+        mentions = self._mentions(normalize(text))
+        return mentions[-1][1] if mentions else None
 
     def _mentions(self, text: str) -> list[tuple[int, str]]:
         """(offset, law) of every explicit law name in the text, known or in 「」."""
@@ -506,8 +521,8 @@ class CitationReader:
 
 def find_citations(text: str, corpus: Corpus, default_law: str | None = None) -> list[Citation]:
     """The articles `text` cites, each resolved to a corpus passage where possible
-    (`Citation.passage_id`). For many texts build one `CitationReader` instead."""
-    return CitationReader(corpus).find(text, default_law)
+    (`Citation.passage_id`)."""
+    return corpus.reader().find(text, default_law)
 
 
 def cited_passages(text: str, reader: CitationReader, default_law: str | None = None) -> list[str]:

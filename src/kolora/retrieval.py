@@ -159,7 +159,7 @@ class Index:
         if not ARTICLE.search(question):
             return []
         if self._reader is None:
-            self._reader = CitationReader(Corpus(self.passages))
+            self._reader = Corpus(self.passages).reader()
             self._position = {p.id: i for i, p in enumerate(self.passages)}
         ids = dict.fromkeys(c.passage_id for c in self._reader.find(question) if c.passage_id)
         return [self._position[pid] for pid in ids if pid in self._position]
