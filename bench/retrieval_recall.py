@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from kolora import retrieval  # noqa: E402
+from kolora.citations import check_answer, summarize  # noqa: E402
 from kolora.corpus import CitationReader, cited_passages, load_corpus  # noqa: E402
 from kolora.data import load_examples  # noqa: E402
 
@@ -55,6 +56,18 @@ def expansions(rows: list[tuple[str, list[str]]]) -> dict[str, list[str]]:
         for pid in gold:
             out.setdefault(pid, []).append(question)
     return out
+
+
+def reference_citations(path: Path, corpus) -> dict:
+    """How well the citation reader and checker do on the hand-checked reference answers."""
+    examples, _ = load_examples(str(path))
+    reader = corpus.reader()
+    cites = [reader.find(ex.answer, default_law=reader.last_named(ex.question)) for ex in examples]
+    flat = [c for cs in cites for c in cs]
+    return {"rows": len(examples), "rows_all_resolved": sum(bool(cs) and all(c.passage_id for c in cs) for cs in cites),
+            "citations": len(flat), "citations_resolved": sum(bool(c.passage_id) for c in flat),
+            "outside_corpus": sum(1 for c in flat if not c.passage_id and c.law not in corpus.laws()),
+            "check": summarize([check_answer(ex.answer, ex.question, corpus) for ex in examples])}
 
 
 def lengths(corpus) -> dict:
@@ -82,6 +95,12 @@ def main() -> None:
     index_rows = gold_rows(ROOT / "data" / "civil_law_articles.csv", reader)
     print(f"corpus: {len(corpus)} articles; QA rows {len(qa)} ({sum(1 for _, g in qa if not g)} without a "
           f"cited corpus article); article-index rows {len(index_rows)}")
+    citations = {name: reference_citations(ROOT / "data" / name, corpus)
+                 for name in ("civil_law_qa.csv", "civil_law_articles.csv")}
+    for name, c in citations.items():
+        print(f"{name}: rows whose cited articles all resolve to a passage {c['rows_all_resolved']}/{c['rows']}, "
+              f"citations resolved {c['citations_resolved']}/{c['citations']} (unresolved: laws outside the corpus "
+              f"{c['outside_corpus']}); checker on the reference answers: {json.dumps(c['check'])}")
 
     configs = [("plain", "kiwi"), ("plain", "char2"), ("expansion", "kiwi"), ("expansion", "char2")]
     if args.ablation:
@@ -120,7 +139,8 @@ def main() -> None:
     print("seconds per setting, all seeds (build + search, Kiwi tokens cached after the first build): "
           + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "lengths": lens, "seeds": seeds}, ensure_ascii=False,
+        args.json.write_text(json.dumps({"summary": summary, "lengths": lens, "seeds": seeds, "citations": citations},
+                                        ensure_ascii=False,
                                         indent=1), encoding="utf-8")
 
 

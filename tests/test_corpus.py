@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from kolora.corpus import cited_passages, find_citations, load_corpus, parse_statute
+from kolora.corpus import cited_passages, find_citations, load_corpus
 from kolora.errors import KoloraError
 
 ROOT = Path(__file__).resolve().parents[1]

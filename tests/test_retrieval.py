@@ -51,7 +51,7 @@ def test_kiwi_runs_without_network(monkeypatch):
 
 @pytest.mark.parametrize("tokenizer", ["kiwi", "char2"])
 def test_search_save_reload_identical(corpus, tmp_path, tokenizer):
-    index = build_index(corpus, tokenizer=tokenizer)
+    index = build_index(corpus, {"작은법 제3조": ["월세를 올려 달래요"]}, tokenizer=tokenizer)
     hits = index.search("전세권 존속기간은 몇 년까지인가요?", k=3)
     assert hits[0].passage.id == "작은법 제2조" and [h.rank for h in hits] == list(range(1, len(hits) + 1))
     assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
@@ -65,6 +65,8 @@ def test_search_save_reload_identical(corpus, tmp_path, tokenizer):
         assert [(h.passage.id, h.score, h.rank) for h in again.search(q, 5)] == \
                [(h.passage.id, h.score, h.rank) for h in index.search(q, 5)]
     assert again.search("전세권 존속기간", 1)[0].passage.header == "작은법 제2조(존속기간)"
+    assert again.expansions == index.expansions == {"작은법 제3조": ["월세를 올려 달래요"]}
+    assert again.passages == index.passages
 
 
 def test_document_expansion_changes_ranking(corpus):
@@ -76,6 +78,7 @@ def test_document_expansion_changes_ranking(corpus):
     assert top.passage.id == "작은법 제3조"
     assert "월세" not in top.passage.text  # expansion is indexed, never shown
     assert expanded.manifest["expansion"] == {"passages": 1, "questions": 1}
+    assert expanded.expansions == {"작은법 제3조": ["집주인이 월세를 올려 달라고 해요"]}
 
 
 def test_no_overlap_returns_empty_and_named_article_first(corpus):

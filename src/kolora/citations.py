@@ -22,9 +22,10 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from typing import Iterable
+from collections.abc import Iterable
 
 from .corpus import Citation, Corpus, Passage
+
 # The fact patterns are shared with `kolora eval` (fact recall) so both count the same facts.
 # They will move to kolora.facts; this is the one place citations.py imports them from.
 from .evaluate import extract_facts, normalize, quantities, statute_refs, won  # noqa: F401

@@ -175,7 +175,7 @@ def _files(paths, notes: list[str]) -> list[tuple[str, Path]]:
     for raw in paths:
         p = Path(raw).expanduser()
         if not p.exists():
-            raise KoloraError(f"grounding corpus not found: {raw}", f"check the path (the bundled statutes are in data/statutes/)")
+            raise KoloraError(f"grounding corpus not found: {raw}", "check the path (the bundled statutes are in data/statutes/)")
         if p.is_dir():
             inside = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
             if not inside:
@@ -378,7 +378,6 @@ ALIASES = {
     "상가임대차보호법": "상가건물 임대차보호법",
     "주택임대차법": "주택임대차보호법",
 }
-DECREE = " 시행령"
 _DECREE_SUFFIX = r"(?:\s?(?P<decree>시행령|시행규칙))?"
 # Words before an article that refer to a law without naming it.
 _SAME = r"같은\s?법|이\s?법|동법|본법|법"

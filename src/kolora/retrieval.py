@@ -133,6 +133,7 @@ class Index:
     bm25: object  # bm25s.BM25
     manifest: dict = field(default_factory=dict)
     report: list[str] = field(default_factory=list)  # what was not indexed, and why
+    expansions: dict = field(default_factory=dict)  # passage id → questions indexed with it (saved, for "why this hit")
     _reader: CitationReader | None = field(default=None, repr=False, compare=False)
     _position: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -149,8 +150,8 @@ class Index:
         ids = self.bm25.get_tokens_ids(tokenize(question, self.tokenizer))
         scores = (np.asarray(self.bm25.get_scores_from_ids(ids), dtype=np.float64) if ids
                   else np.zeros(len(self.passages)))
-        order = list(named) + [int(i) for i in np.lexsort((np.arange(len(scores)), -scores))
-                               if scores[i] > 0 and int(i) not in named][:k]
+        best = np.lexsort((np.arange(len(scores)), -scores))[:k + len(named)]  # score, then position
+        order = named + [int(i) for i in best if scores[i] > 0 and int(i) not in named]
         return [Hit(self.passages[i], float(scores[i]), rank, i in named)
                 for rank, i in enumerate(order[:k], start=1)]
 
@@ -173,8 +174,8 @@ class Index:
         (d / MANIFEST).unlink(missing_ok=True)
         self.bm25.save(str(d / BM25_DIR), allow_pickle=False, show_progress=False)
         with open(d / PASSAGES, "w", encoding="utf-8") as f:
-            for p in self.passages:
-                f.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
+            f.writelines(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in self.passages)
+        (d / EXPANSIONS).write_text(json.dumps(self.expansions, ensure_ascii=False, indent=0) + "\n", encoding="utf-8")
         (d / MANIFEST).write_text(json.dumps(self.manifest, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         return d
 
@@ -203,7 +204,8 @@ class Index:
         now = _tokenizer_version(manifest["tokenizer"])
         if now != manifest.get("tokenizer_version"):
             report.append(f"note: index tokenised with {manifest.get('tokenizer_version')}, queries now with {now}")
-        return cls(passages, manifest["tokenizer"], bm25, manifest, report)
+        expansions = json.loads((d / EXPANSIONS).read_text(encoding="utf-8"))
+        return cls(passages, manifest["tokenizer"], bm25, manifest, report, expansions)
 
 
 # =========================================================================== building
@@ -243,7 +245,8 @@ def build_index(corpus: Corpus, expansions: dict[str, list[str]] | None = None, 
                    "passages": len(corpus.passages), "indexed": len(passages)},
         "expansion": {"passages": len(expanded), "questions": sum(len(expansions[p]) for p in expanded)},
     }
-    return Index(passages, tokenizer, bm25, manifest, report)
+    kept = {pid: list(expansions[pid]) for pid in expanded}
+    return Index(passages, tokenizer, bm25, manifest, report, kept)
 
 
 def recall_at_k(index: Index, questions: list[str], cited_ids: list, ks=(1, 3, 5)) -> dict:
