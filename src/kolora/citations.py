@@ -20,15 +20,15 @@ report names it so a person can check the arithmetic. No torch, no model.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from collections.abc import Iterable
 
 from .corpus import Citation, Corpus, Passage
 
 # The fact patterns are shared with `kolora eval` (fact recall) so both count the same facts.
 # They will move to kolora.facts; this is the one place citations.py imports them from.
-from .evaluate import extract_facts, normalize, quantities, statute_refs, won  # noqa: F401
+from .facts import extract_facts, normalize, quantities, statute_refs, won  # noqa: F401
 
 OK = "ok"
 _CIRCLED = re.compile(r"^([\u2460-\u2473])", re.M)

@@ -446,7 +446,7 @@ class CitationReader:
 
     def find(self, text: str, default_law: str | None = None) -> list[Citation]:
         """Citations in reading order. A range '제643조부터 제648조까지' cites its two ends."""
-        from .evaluate import normalize  # NFKC: full-width digits; the same as fact checks
+        from .facts import normalize  # NFKC: full-width digits; the same as fact checks
 
         text = normalize(text)
         mentions = self._mentions(text)
@@ -486,7 +486,7 @@ class CitationReader:
 
     def last_named(self, text: str) -> str | None:
         """The law named last in a text ('주택임대차보호법에서 …' → that law), or None."""
-        from .evaluate import normalize
+        from .facts import normalize
 
         mentions = self._mentions(normalize(text))
         return mentions[-1][1] if mentions else None
