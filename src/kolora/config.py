@@ -91,9 +91,12 @@ class RetrievalConfig:
     context_tokens: int = opt(384, "token budget of the passages in one prompt; a longer passage keeps its first paragraphs")
     oracle_p: float = opt(0.8, "share of training rows in which the article the answer cites is put among the k passages "
                                "(at a random position) when retrieval missed it; the rest keep retrieval as it came (RAFT)")
-    tokenizer: str = opt("kiwi", "retrieval tokenizer: kiwi (Korean morphemes, offline) or char2 (character bigrams)")
-    expand: bool = opt(True, "index each passage together with the training questions whose answers cite it "
-                             "(document expansion; never validation or test questions)")
+    tokenizer: str = opt("char2", "retrieval tokenizer: char2 (character bigrams) or kiwi (Korean morphemes, offline)")
+    expand: bool = opt(True, "index each passage together with the training rows (question and answer) whose answers "
+                             "cite it (document expansion; never validation or test rows)")
+    expand_with: list = opt([], "more data files (same formats as data.path) whose questions only expand the index, "
+                                "without being trained on: an article index; a row whose question is a held-out "
+                                "question is dropped and counted")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig,

@@ -54,7 +54,7 @@ def run(args) -> int:
 def ground(cfg, splits, tokenizer) -> list:
     """Retrieval as training will do it: the index built from the training split, recall of
     the cited article on the held-out questions, and the rows with their passages."""
-    g = grounding.build(cfg, splits["train"])
+    g = grounding.build(cfg, splits["train"], splits["validation"] + splits["test"])
     for line in g.corpus.report + g.index.report:
         print(line)
     train, counts = grounding.ground_training(g, cfg, splits["train"], tokenizer)

@@ -200,6 +200,7 @@ def setup_run(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, st
     cfg.model.name, cfg.data.path = absolute(cfg.model.name), absolute(cfg.data.path)
     cfg.data.train_only = [absolute(v) for v in cfg.data.train_only or []]
     cfg.retrieval.corpus = [absolute(v) for v in corpus_paths(cfg)]
+    cfg.retrieval.expand_with = [absolute(v) for v in cfg.retrieval.expand_with or []]
     run = Run(Path(resume or cfg.train.output_dir or default_output_dir(cfg.model.name)))
     if not resume and not dry_run and run.path.is_dir() and any(run.path.iterdir()):
         if not force:
@@ -269,7 +270,7 @@ def ground_splits(t: Trainer) -> None:
     """Retrieved passages before every question (retrieval.corpus): the index learns from the
     training questions only; held-out rows are retrieved for exactly as chat and eval will."""
     cfg = t.cfg
-    t.grounding = grounding.build(cfg, t.splits["train"])
+    t.grounding = grounding.build(cfg, t.splits["train"], t.splits["validation"] + t.splits["test"])
     for line in t.grounding.corpus.report + t.grounding.index.report:
         t.say(line)
     t.splits["train"], counts = grounding.ground_training(t.grounding, cfg, t.splits["train"], t.tokenizer)
@@ -342,7 +343,8 @@ def setup_model(t: Trainer) -> None:
     if t.grounding:  # the prompts depend on the corpus and the retrieval settings
         t.fingerprints["retrieval"] = {"corpus": t.grounding.corpus.fingerprint(), "k": cfg.retrieval.k,
                                        "context_tokens": cfg.retrieval.context_tokens, "oracle_p": cfg.retrieval.oracle_p,
-                                       "tokenizer": cfg.retrieval.tokenizer, "expand": cfg.retrieval.expand}
+                                       "tokenizer": cfg.retrieval.tokenizer, "expand": cfg.retrieval.expand,
+                                       "expand_with": len(t.grounding.extra)}
 
 
 # --------------------------------------------------------------------------- 4. optimizer, schedule, resume
