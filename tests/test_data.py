@@ -240,5 +240,5 @@ def test_jsonl_with_unicode_line_separators_inside_strings(tmp_path):
     path = tmp_path / "sep.jsonl"
     rows = [{"question": "첫 줄\u2028둘째 줄?", "answer": "단락\u2029끝\x85."}, {"question": "q2", "answer": "a2"}]
     path.write_bytes("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode() + b"\r\n")
-    examples, report = load_examples(str(path))
+    examples, _ = load_examples(str(path))
     assert [(e.question, e.answer, e.line) for e in examples] == [(r["question"], r["answer"], i + 1) for i, r in enumerate(rows)]

@@ -87,8 +87,7 @@ def decode(raw: bytes, path: Path) -> tuple[str, str]:
     column = len(body[body.rfind(b"\n", 0, bad) + 1:bad].decode("utf-8")) + 1  # in characters, like an editor
     raise KoloraError(f"{path}:{line}:{column}: cannot decode byte 0x{body[bad]:02x} as UTF-8 "
                       "(and the file is not cp949/EUC-KR Korean text)",
-                      "save the file as UTF-8 ('CSV UTF-8' in Excel) or convert it with iconv -f <its encoding> -t utf-8; "
-                      "a lone byte like 0x92 is usually a Windows-1252 quote to retype")
+                      "save the file as UTF-8 ('CSV UTF-8' in Excel), or convert it with iconv -f <its encoding> -t utf-8")
 
 
 def _as_cp949(raw: bytes) -> str | None:
@@ -337,7 +336,7 @@ def _from_messages(messages, path: Path, line: int) -> Example | str:
         texts.append(text)
     first = 1 if messages[0]["role"] == "system" else 0
     system = texts[0] if first else None
-    turns = [dict(role=m["role"], content=t) for m, t in zip(messages[first:], texts[first:])]
+    turns = [{"role": m["role"], "content": t} for m, t in zip(messages[first:], texts[first:])]
     users = [i for i, m in enumerate(turns) if m["role"] == "user"]
     if not users:
         return "messages without a final assistant turn"
