@@ -158,3 +158,87 @@ def test_training_only_rows_join_the_training_split_only(tmp_path):
     text = "\n".join(lines)
     assert "2 rows read" in text and "(training only)" in text
     assert "skipped 1 × same question as a validation/test row" in text and "line 3" in text
+
+
+# --------------------------------------------------------------------------- review items 10-14
+def test_messages_content_parts_are_joined_and_other_parts_counted(tmp_path):
+    text = lambda t: {"type": "text", "text": t}  # noqa: E731
+    chat = tmp_path / "parts.jsonl"
+    chat.write_text("\n".join(json.dumps({"messages": m}, ensure_ascii=False) for m in [
+        [{"role": "system", "content": [text("법률 도우미")]},
+         {"role": "user", "content": [text("계약서 첫 줄"), text("전세란?")]},
+         {"role": "assistant", "content": [text("전세는 …")]}],
+        [{"role": "user", "content": [text("이 사진의 계약서는?"), {"type": "image_url", "image_url": {"url": "x.png"}}]},
+         {"role": "assistant", "content": "임대차 계약서예요."}],
+        [{"role": "user", "content": "안녕"}, {"role": "assistant", "content": "안녕하세요"},
+         {"role": "user", "content": [text("보증금은?")]}, {"role": "assistant", "content": "돌려받아요."}],
+    ]) + "\n", encoding="utf-8")
+    examples, report = load_examples(str(chat))
+    assert [e.question for e in examples] == ["계약서 첫 줄\n전세란?", "보증금은?"]
+    assert examples[0].system == "법률 도우미" and examples[0].answer == "전세는 …"
+    assert examples[1].history == [{"role": "user", "content": "안녕"}, {"role": "assistant", "content": "안녕하세요"}]
+    assert report.rows == 3 and report.kept == 2
+    assert dict(report.skipped) == {"message with a non-text content part (image_url)": [2]}
+    assert not any("'type'" in e.question + e.answer + (e.system or "") for e in examples)  # no Python repr
+
+
+def test_stray_byte_in_a_utf8_file_is_located_not_read_as_cp949(tmp_path):
+    path = tmp_path / "qa.csv"
+    path.write_bytes(b"question,answer\nIs the tenant\x92s deposit safe?,Yes: article 3.\n")
+    with pytest.raises(KoloraError) as e:
+        load_examples(str(path))
+    assert "qa.csv:2:14: cannot decode byte 0x92" in str(e.value) and "UTF-8" in e.value.hint
+    # the same in a Korean UTF-8 file (not decodable as cp949 either): line and column in characters
+    path.write_bytes("question,answer\n전세란?,민법 제303조\n보증금".encode() + b"\x92" + "은?,돌려받아요\n".encode())
+    with pytest.raises(KoloraError, match=r"qa\.csv:3:4: cannot decode byte 0x92"):
+        load_examples(str(path))
+
+
+def test_cp949_with_rare_syllables_still_decodes(tmp_path):
+    # 똠, 햏, 뷁 are outside KS X 1001: cp949's extension encodes them (the bytes a stray byte makes)
+    rows = ROWS + [("똠방각하와 햏 그리고 뷁은 무슨 뜻인가요?", "흔하지 않은 글자도 그대로 읽혀요.", "전세권", "쉬움")]
+    path = write_csv(tmp_path / "qa.csv", rows, "cp949")
+    examples, report = load_examples(str(path))
+    assert report.encoding == "cp949" and [e.question for e in examples] == [r[0] for r in rows]
+
+
+def test_same_question_with_other_answers_stays_in_one_split():
+    import unicodedata
+
+    from kolora.data import Example
+
+    variants = ["{}이란 무엇인가요?", "{}이란  무엇인가요", " {}이란 무엇인가요?!", unicodedata.normalize("NFD", "{}이란 무엇인가요?")]
+    examples = [Example(v.format(f"용어{i}"), f"답 {i}-{k}", "전세권" if i % 2 else "민법임대차")
+                for i in range(12) for k, v in enumerate(variants)]
+    for seed in (42, 7):
+        a = split_examples(examples, (0.8, 0.1, 0.1), seed=seed)
+        assert a == split_examples(examples, (0.8, 0.1, 0.1), seed=seed)  # deterministic
+        where = {}
+        for name, rows in a.items():
+            for e in rows:
+                where.setdefault(e.answer.split("-")[0], set()).add(name)
+        assert all(len(s) == 1 for s in where.values()), where
+        assert len(a["validation"]) == len(a["test"]) == 8 and len(a["train"]) == 32  # one question per category each
+
+
+def test_bundled_article_paraphrasing_a_held_out_question_is_not_trained_on():
+    from kolora.config import load_yaml
+    from kolora.data import load_splits
+
+    cfg = load_yaml(ROOT / "configs" / "gemma3-270m.yaml")
+    splits, lines = load_splits(cfg)
+    held = {e.line for name in ("validation", "test") for e in splits[name]}
+    assert 79 in held  # civil_law_qa.csv:79, the outer-wall repair question
+    trained = {e.line for e in splits["train"] if e.source}
+    assert 319 not in trained  # its paraphrase in civil_law_articles.csv (same 민법 제624조 answer)
+    assert 223 in trained  # 0.300 similar to qa:108 but another article: kept
+    text = "\n".join(lines)
+    assert "near-duplicate of a validation/test question" in text and "319" in text
+
+
+def test_jsonl_with_unicode_line_separators_inside_strings(tmp_path):
+    path = tmp_path / "sep.jsonl"
+    rows = [{"question": "첫 줄\u2028둘째 줄?", "answer": "단락\u2029끝\x85."}, {"question": "q2", "answer": "a2"}]
+    path.write_bytes("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode() + b"\r\n")
+    examples, _ = load_examples(str(path))
+    assert [(e.question, e.answer, e.line) for e in examples] == [(r["question"], r["answer"], i + 1) for i, r in enumerate(rows)]

@@ -18,7 +18,10 @@ CASES = {
     "cp949 (Excel 'CSV')": ("cp949.csv", (HEADER + GOOD + GOOD2).encode("cp949"), "ok", ["(cp949)", "2 kept"]),
     "EUC-KR": ("euckr.csv", (HEADER + GOOD + GOOD2).encode("euc-kr"), "ok", ["(cp949)", "2 kept"]),
     "undecodable bytes": ("bad-enc.csv", HEADER.encode() + b"\xff\xfe\xfa,\x80\x81,a,b\n", "error",
-                          ["bad-enc.csv:2: cannot decode", "CSV UTF-8"]),
+                          ["bad-enc.csv:2:1: cannot decode byte 0xff", "CSV UTF-8"]),
+    "stray byte in UTF-8 (a Windows-1252 apostrophe)": (
+        "stray.csv", HEADER.encode() + GOOD.encode() + b"Can the landlord keep the tenant\x92s deposit?,No.,a,b\n", "error",
+        ["stray.csv:3:33: cannot decode byte 0x92 as UTF-8", "save the file as UTF-8"]),
     "empty file": ("empty.csv", b"", "error", ["empty.csv: the file is empty"]),
     "missing column": ("nocol.csv", ("question,category\n가,나\n").encode(), "error",
                        ["nocol.csv: no 'answer' column", "add an 'answer' column"]),
@@ -52,6 +55,15 @@ CASES = {
                                   ensure_ascii=False) + "\n" +
                        json.dumps({"messages": [{"role": "user", "content": "질문만"}]}, ensure_ascii=False) + "\n").encode(),
         "warning", ["skipped 1 × messages without a final assistant turn (line 2)"]),
+    "messages with an image part": (
+        "parts.jsonl", (json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "안녕"}]},
+                                                 {"role": "assistant", "content": "네"}]}, ensure_ascii=False) + "\n" +
+                        json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a.png"}}]},
+                                                 {"role": "assistant", "content": "사진이네요"}]}, ensure_ascii=False) + "\n").encode(),
+        "warning", ["1 kept", "skipped 1 × message with a non-text content part (image_url) (line 2)"]),
+    "JSONL with U+2028 inside a string": (
+        "sep.jsonl", (json.dumps({"question": "첫 줄\u2028둘째 줄", "answer": "네"}, ensure_ascii=False) + "\r\n").encode(),
+        "ok", ["1 rows read", "1 kept"]),
     "empty dataset after filtering": ("allbad.csv", (HEADER + "가,,,\n나,  ,,\n").encode(), "error",
                                       ["allbad.csv: no usable examples", "empty answer", "whitespace-only answer"]),
 }

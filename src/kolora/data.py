@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import random
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,25 +68,52 @@ class DataReport:
 # --------------------------------------------------------------------------- reading
 def decode(raw: bytes, path: Path) -> tuple[str, str]:
     """UTF-8 (with or without BOM), UTF-16 with BOM (Excel's "Unicode text"), then cp949 — a
-    superset of EUC-KR, what Korean Excel writes for "CSV". No guessing beyond that: a wrong
-    guess would silently turn Korean into mojibake."""
+    superset of EUC-KR, what Korean Excel writes for "CSV" — only when the bytes look like it
+    (see `_as_cp949`). No guessing beyond that: a wrong guess would silently turn text into
+    mojibake, so anything else is an error naming the line and column of the first bad byte."""
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         try:
             return raw.decode("utf-16"), "utf-16"
         except UnicodeDecodeError:
             pass
-    for enc in ("utf-8-sig", "cp949"):
-        try:
-            return raw.decode(enc), "utf-8" if enc == "utf-8-sig" else enc
-        except UnicodeDecodeError:
-            continue
+    body = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
     try:
-        raw.decode("utf-8")
-        line = "?"
+        return body.decode("utf-8"), "utf-8"
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-    raise KoloraError(f"{path}:{line}: cannot decode the file as UTF-8, UTF-16 or cp949/EUC-KR",
-                      "save it as 'CSV UTF-8' in Excel, or convert it with iconv -t utf-8")
+        bad = e.start
+    text = _as_cp949(body)
+    if text is not None:
+        return text, "cp949"
+    line = body.count(b"\n", 0, bad) + 1
+    column = len(body[body.rfind(b"\n", 0, bad) + 1:bad].decode("utf-8")) + 1  # in characters, like an editor
+    raise KoloraError(f"{path}:{line}:{column}: cannot decode byte 0x{body[bad]:02x} as UTF-8 "
+                      "(and the file is not cp949/EUC-KR Korean text)",
+                      "save the file as UTF-8 ('CSV UTF-8' in Excel), or convert it with iconv -f <its encoding> -t utf-8")
+
+
+def _as_cp949(raw: bytes) -> str | None:
+    """The text when `raw` is cp949 Korean, else None.
+
+    Decoding as cp949 without error proves little: cp949's extension (UHC) gives almost any
+    byte >= 0x81 followed by an ASCII letter a meaning, so a UTF-8 file with one stray
+    Windows-1252 byte "decodes" (`tenant\\x92s` -> `tenant뭩`). Korean text is overwhelmingly
+    written with KS X 1001 characters (the EUC-KR set, both bytes >= 0xA1: its 2,350 Hangul
+    syllables cover all but a tiny share of real text), while a stray byte before ASCII never
+    makes one. So: cp949 only when it decodes, has at least one KS X 1001 Hangul syllable (lead
+    byte 0xB0-0xC8), and KS X 1001 characters are most of its double-byte characters; the rare
+    extension syllables (똠, 햏) in a real Korean file are then still read."""
+    try:
+        text = raw.decode("cp949")
+    except UnicodeDecodeError:
+        return None
+    wide = Counter(ch for ch in text if ord(ch) > 0x7F)
+    common = hangul = 0
+    for ch, n in wide.items():
+        b = ch.encode("cp949")
+        if len(b) == 2 and b[0] >= 0xA1 and b[1] >= 0xA1:
+            common += n
+            hangul += n if 0xB0 <= b[0] <= 0xC8 else 0
+    return text if hangul and 2 * common > sum(wide.values()) else None
 
 
 def _pick(keys: list[str], names: tuple[str, ...]) -> str | None:
@@ -165,7 +193,9 @@ def _read_csv(text: str, path: Path, delimiter: str) -> list[tuple[int, dict]]:
 
 def _read_jsonl(text: str, path: Path) -> list[tuple[int, dict]]:
     records = []
-    for i, line in enumerate(text.splitlines(), start=1):
+    # "\n" only: str.splitlines also splits at U+2028/U+2029/U+0085, which JSON allows raw inside strings
+    for i, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -230,6 +260,9 @@ def _to_examples(records: list[tuple[int, dict]], path: Path, report: DataReport
             continue
         if "messages" in rec:
             ex = _from_messages(rec["messages"], path, line)
+            if isinstance(ex, str):
+                report.skip(ex, line)
+                continue
         else:
             if cols is None:
                 cols = _check_columns(list(rec.keys()), path)
@@ -245,9 +278,6 @@ def _to_examples(records: list[tuple[int, dict]], path: Path, report: DataReport
             ex = Example(q, _clean(rec.get(cols[1])),
                          _clean(rec.get(_pick(list(rec.keys()), CATEGORY_KEYS) or "")) or None,
                          _clean(rec.get(_pick(list(rec.keys()), DIFFICULTY_KEYS) or "")) or None, line=line)
-        if ex is None:
-            report.skip("messages without a final assistant turn", line)
-            continue
         if not ex.question:
             report.skip("empty question", line)
             continue
@@ -267,20 +297,53 @@ def _to_examples(records: list[tuple[int, dict]], path: Path, report: DataReport
     return examples
 
 
-def _from_messages(messages, path: Path, line: int) -> Example | None:
+TEXT_PART_TYPES = ("text", "input_text", "output_text")  # OpenAI chat / Responses API text parts
+
+
+def _content_text(content) -> tuple[str, str | None]:
+    """A message's text and None, or ("", the skip reason). OpenAI-style content is a list of
+    parts: text parts are joined with a newline (they are usually separate passages, and
+    gluing them would merge words); any other part (an image, audio) cannot be trained on as
+    text, so the whole row is skipped and counted rather than trained without it."""
+    if content is None:  # an assistant turn that only called a tool
+        return "", None
+    if isinstance(content, str):
+        return content, None
+    if not isinstance(content, list):
+        return "", f"wrong type: message content is {type(content).__name__}, expected text or a list of parts"
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in TEXT_PART_TYPES and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif isinstance(kind, str) and kind not in TEXT_PART_TYPES:
+            return "", f"message with a non-text content part ({kind})"
+        else:
+            return "", "message with a malformed content part (expected {type: text, text: …})"
+    return "\n".join(texts), None
+
+
+def _from_messages(messages, path: Path, line: int) -> Example | str:
+    """The example from a chat `messages` row, or the reason to skip it."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
         raise KoloraError(f"{path}:{line}: 'messages' must be a list of {{role, content}} objects")
     if not messages or messages[-1]["role"] != "assistant":
-        return None
-    system = messages[0]["content"] if messages[0]["role"] == "system" else None
-    turns = messages[1:] if system is not None else messages
+        return "messages without a final assistant turn"
+    texts = []
+    for m in messages:
+        text, problem = _content_text(m["content"])
+        if problem:
+            return problem
+        texts.append(text)
+    first = 1 if messages[0]["role"] == "system" else 0
+    system = texts[0] if first else None
+    turns = [{"role": m["role"], "content": t} for m, t in zip(messages[first:], texts[first:])]
     users = [i for i, m in enumerate(turns) if m["role"] == "user"]
     if not users:
-        return None
+        return "messages without a final assistant turn"
     last_user = users[-1]
     return Example(_clean(turns[last_user]["content"]), _clean(turns[-1]["content"]),
-                   history=[dict(role=m["role"], content=m["content"]) for m in turns[:last_user]],
-                   system=system, line=line)
+                   history=turns[:last_user], system=system, line=line)
 
 
 def _load_hub(name: str) -> tuple[list[Example], DataReport]:
@@ -303,36 +366,85 @@ def _load_hub(name: str) -> tuple[list[Example], DataReport]:
 SPLITS = ("train", "validation", "test")
 
 
+def normalise_question(text: str) -> str:
+    """The key that says two questions are the same: NFC (Korean typed on a Mac arrives as
+    decomposed jamo), case-folded, letters/numbers/marks only, so spacing and punctuation
+    ("전세란?" vs "전세란 ") do not make it another question."""
+    text = unicodedata.normalize("NFC", text).casefold()
+    key = "".join(ch for ch in text if unicodedata.category(ch)[0] in "LNM")
+    return key or " ".join(text.split())  # a question of only symbols still gets a key
+
+
 def split_examples(examples: list[Example], fractions=(0.8, 0.1, 0.1), seed: int = 42) -> dict[str, list[Example]]:
     """Seeded, deterministic split, stratified by category when the data has one.
 
-    Each category is shuffled with its own seeded RNG and cut by the fractions, so adding
-    rows of one category never moves rows of another between splits."""
+    The unit is a question, not a row: every row whose normalised question is the same (the
+    same question with another answer) goes to the same split, or the test answer would be
+    trained on. A question's rows follow the category of its first row. Each category's
+    questions are shuffled with their own seeded RNG and handed out in that order until each
+    split has its share of rows, so adding rows of one category never moves rows of another
+    between splits; with one row per question this is exactly a shuffle-and-cut of the rows."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise KoloraError(f"data.split must be three fractions summing to 1, got {list(fractions)}", "e.g. 0.8,0.1,0.1")
-    groups: dict[str, list[Example]] = defaultdict(list)
+    groups: dict[str, dict[str, list[Example]]] = defaultdict(dict)  # category -> question key -> rows, in file order
+    category_of: dict[str, str] = {}
     for ex in examples:
-        groups[ex.category or ""].append(ex)
+        key = normalise_question(ex.question)
+        cat = category_of.setdefault(key, ex.category or "")
+        groups[cat].setdefault(key, []).append(ex)
     out = {s: [] for s in SPLITS}
     for cat in sorted(groups):
-        items = groups[cat][:]
-        random.Random(f"{seed}:{cat}").shuffle(items)
-        n = len(items)
+        units = list(groups[cat].values())
+        random.Random(f"{seed}:{cat}").shuffle(units)
+        n = sum(len(u) for u in units)
         n_val = round(n * fractions[1])
         n_test = round(n * fractions[2])
-        if n >= 3:  # every category appears in every non-empty split when it can
+        if len(units) >= 3:  # every category appears in every non-empty split when it can
             n_val = max(n_val, 1 if fractions[1] > 0 else 0)
             n_test = max(n_test, 1 if fractions[2] > 0 else 0)
-        out["validation"] += items[:n_val]
-        out["test"] += items[n_val:n_val + n_test]
-        out["train"] += items[n_val + n_test:]
+        val, test, train = [], [], []
+        for unit in units:
+            (val if len(val) < n_val else test if len(test) < n_test else train).extend(unit)
+        out["validation"] += val
+        out["test"] += test
+        out["train"] += train
     if not out["train"]:
         raise KoloraError(f"the training split is empty ({len(examples)} examples)", "add data or change data.split")
     return out
 
 
-def _question_key(ex: Example) -> str:
-    return " ".join(ex.question.split())
+def _trigrams(key: str) -> set[str]:
+    return {key[i:i + 3] for i in range(len(key) - 2)} or {key}
+
+
+# Character 3-gram Jaccard of normalised questions at or above which a training-only row counts
+# as a paraphrase of a held-out question. Measured on the bundled data (articles rows vs the 114
+# validation/test questions of civil_law_qa.csv, split 8:1:1 seed 42; max similarity per row:
+# 71 rows < 0.05, 151 in 0.05-0.10, 102 in 0.10-0.15, 28 in 0.15-0.20, 10 in 0.20-0.25, 7 in
+# 0.25-0.30, 5 >= 0.30). Above the cut, all paraphrases of a held-out question with its answer's
+# article: 0.462 (articles:319 ~ qa:79, 민법 제624조), 0.400 (80 ~ 277), 0.366 (258 ~ 126), 0.310
+# (235 ~ 540). Just below, 0.300 (223 ~ 108) asks about another article (제316조 vs 제646조), as
+# do 0.296 (41 ~ 576) and 0.263 (124 ~ 277). Paraphrases in the same band below 0.30 (16 ~ 169 at
+# 0.296, 290 ~ 136 at 0.294) cannot be told from those by the question alone and stay.
+NEAR_DUPLICATE = 0.305
+
+
+def _nearest_held_out(keys: list[str], held_out: list[Example]) -> list[tuple[float, Example | None]]:
+    """For each question key, its highest 3-gram Jaccard with a held-out question and that row.
+    An inverted index from 3-gram to held-out rows keeps this near-linear on large files."""
+    grams = [_trigrams(normalise_question(ex.question)) for ex in held_out]
+    index: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(grams):
+        for t in g:
+            index[t].append(i)
+    out = []
+    for key in keys:
+        mine = _trigrams(key)
+        shared = Counter(i for t in mine for i in index.get(t, ()))
+        best = max(((n / (len(mine) + len(grams[i]) - n), i) for i, n in shared.items()), default=(0.0, None),
+                   key=lambda t: (t[0], -t[1]))
+        out.append((best[0], held_out[best[1]] if best[1] is not None else None))
+    return out
 
 
 def add_training_only(splits: dict[str, list[Example]], paths: list[str]) -> list[str]:
@@ -340,23 +452,32 @@ def add_training_only(splits: dict[str, list[Example]], paths: list[str]) -> lis
 
     These files (an article index, a glossary) teach the model but are never validation or test
     rows, so they cannot make the held-out figures look better than they are. A row whose
-    question is also a validation/test question would leak the exam: it is dropped and counted."""
-    held_out = {_question_key(ex) for name in ("validation", "test") for ex in splits[name]}
+    question is also a validation/test question, or a near-duplicate of one (a paraphrase that
+    teaches the same answer), would leak the exam: it is dropped and counted."""
+    held_out = [ex for name in ("validation", "test") for ex in splits[name]]
+    held_keys = {normalise_question(ex.question) for ex in held_out}
     lines = []
     for path in paths:
         examples, report = load_examples(path)
-        leaked = []
-        for ex in examples:
-            if _question_key(ex) in held_out:
-                leaked.append(ex.line)
+        keys = [normalise_question(ex.question) for ex in examples]
+        near = []
+        for ex, key, (score, match) in zip(examples, keys, _nearest_held_out(keys, held_out)):
+            if key in held_keys:
+                report.skip("same question as a validation/test row of data.path: training on it would leak the held-out answer",
+                            ex.line)
+            elif score >= NEAR_DUPLICATE:
+                report.skip(f"near-duplicate of a validation/test question of data.path (3-gram similarity >= {NEAR_DUPLICATE}): "
+                            "training on it would leak the held-out answer", ex.line)
+                near.append(f"{ex.line} ~ {match.line} ({score:.2f})")
             else:
                 ex.source = str(path)
                 splits["train"].append(ex)
+                continue
+            report.kept -= 1
         lines += [line + " (training only)" if i == 0 else line for i, line in enumerate(report.lines())]
-        if leaked:
-            lines.append(f"  skipped {len(leaked)} × same question as a validation/test row of data.path "
-                         f"({report.unit} {', '.join(map(str, leaked[:10]))}{' …' if len(leaked) > 10 else ''}): "
-                         "training on it would leak the held-out answer")
+        if near:
+            lines.append(f"    near-duplicates ({report.unit} ~ data.path line, similarity): "
+                         + ", ".join(near[:10]) + (" …" if len(near) > 10 else ""))
     return lines
 
 
