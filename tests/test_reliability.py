@@ -418,7 +418,7 @@ def test_run_json_is_replaced_atomically(tmp_path, monkeypatch):
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(runs.os, "fsync", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError):
         run.update_info(summary={"steps": 8})
     assert run.info_file.read_bytes() == before  # never a half-written run.json
