@@ -25,7 +25,7 @@ from .data import SPLITS, Example, category_table, load_splits, write_jsonl
 from .errors import KoloraError
 from .models import ModelSource, load_model, load_tokenizer, resolve, target_modules
 from .prompt import IGNORE, encode_example, fact_token_mask
-from .runs import Run
+from .runs import Run, claim_output_dir, remove_entries, truncate_metrics
 
 
 # --------------------------------------------------------------------------- data → tensors
@@ -408,19 +408,6 @@ def heap_trimmer():
     return lambda: trim(0)
 
 
-def truncate_metrics(path: Path, last_step: int) -> int:
-    """Drop events logged after the checkpoint we resume from (they will be logged again), so
-    metrics.jsonl reads as one uninterrupted run. Returns how many were dropped."""
-    if not path.is_file():
-        return 0
-    lines = path.read_text(encoding="utf-8").splitlines()
-    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, path)
-    return len(lines) - len(keep)
-
-
 def save_adapter_atomically(peft_model, target: Path) -> None:
     tmp = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -481,11 +468,8 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
     cfg.model.name, cfg.data.path = absolute(cfg.model.name), absolute(cfg.data.path)
     cfg.data.train_only = [absolute(v) for v in cfg.data.train_only or []]
     run = Run(Path(resume or cfg.train.output_dir or default_output_dir(cfg.model.name)))
-    if not resume and not dry_run and run.path.is_dir() and any(run.path.iterdir()):
-        if not force:
-            raise KoloraError(f"output directory {run.path} already holds a run",
-                              f"resume it with `kolora train --resume {run.path}`, pick another --out, or pass --force to replace it")
-        shutil.rmtree(run.path)
+    if not resume and not dry_run:  # --force replaces only a kolora run (run.json), never other files
+        remove_entries(claim_output_dir(run.path, "run", force))
     use_cuda = torch.cuda.is_available()
     precision = resolve_precision(cfg.train.mixed_precision, use_cuda)
     if cfg.train.threads > 0:
@@ -546,6 +530,7 @@ def _train(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, stop)
     # from here on can be resumed with `--resume`.
     if is_main and not resume:
         (run.path / "data").mkdir(parents=True, exist_ok=True)
+        run.update_info(kolora_version=__version__)  # run.json first: it marks the folder as a run
         save_yaml(cfg, run.config_file, f"# kolora train --config {run.config_file}\n")
         for name in SPLITS:
             write_jsonl(splits[name], run.split(name))
