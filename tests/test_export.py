@@ -201,6 +201,17 @@ def test_chatml_default_system_prompt_is_found():
 
 
 # --------------------------------------------------------------------------- end to end
+def previous_export(out: Path, gguf: str) -> dict[str, bytes]:
+    """A folder as an earlier `kolora export` left it; returns its files' contents."""
+    out.mkdir(parents=True)
+    (out / gguf).write_bytes(b"GGUF previous")
+    (out / "Modelfile").write_text(f"FROM ./{gguf}\n")
+    (out / "convert.log").write_text("ok\n")
+    (out / "kolora-export.json").write_text(json.dumps(
+        {"gguf": gguf, "ok": True, "files": [gguf, "Modelfile", "convert.log", "kolora-export.json"]}))
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
 def gguf_matches_adapter(run: Path, gguf: Path, cfg_tolerance: float) -> float:
     """Independent of the export's own check: the GGUF (read by transformers) against the adapter model."""
     import torch
@@ -237,13 +248,13 @@ def gguf_matches_adapter(run: Path, gguf: Path, cfg_tolerance: float) -> float:
 def test_export_end_to_end(runs, tmp_path, arch, quant):
     run = runs(arch)
     out = tmp_path / "gguf"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")  # --force replaces an export, nothing else
-    (out / f"old-{quant}.gguf").write_text("stale")
+    previous_export(out, f"old-{quant}.gguf")
+    (out / "notes.txt").write_text("mine")  # --force replaces the files an export listed, nothing else
     r = run_cli("export", str(run), "--format", "gguf", "--quant", quant, "--out", str(out), "--force")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "round trip OK" in r.stdout
     assert (out / "notes.txt").read_text() == "mine" and not (out / f"old-{quant}.gguf").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["gguf"]  # the temp folder was swapped in
     result = json.loads((out / "kolora-export.json").read_text())
     gguf = out / result["gguf"]
     assert gguf.is_file() and gguf.name.endswith(f"-{quant}.gguf") and not (out / "merged").exists()
@@ -307,6 +318,56 @@ def test_export_refuses_a_non_empty_out_and_bad_flags(runs, tmp_path):
     assert r.returncode == 2 and "--quant" in r.stderr
     r = run_cli("export", str(tmp_path / "nope"), "--out", str(tmp_path / "y"))
     assert r.returncode == 2 and "run directory not found" in r.stderr
+
+
+def test_export_force_refuses_a_folder_it_did_not_write(runs, tmp_path):
+    """--force used to delete every *-q8_0.gguf, *-f16.gguf and merged/ in --out, whoever wrote them."""
+    out = tmp_path / "models"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "llama-3-8b-q8_0.gguf").write_text("downloaded, not exported")
+    (out / "merged").mkdir()
+    (out / "merged" / "config.json").write_text("{}")
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(KoloraError) as caught:
+        ex.export(str(runs("llama")), str(out), force=True)
+    assert str(out) in str(caught.value) and "kolora-export.json" in caught.value.one_line()
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("failure", ["converter fails", "disk full"])
+def test_a_failed_export_keeps_the_previous_one_and_no_temp_folder(runs, tmp_path, monkeypatch, failure):
+    """--force used to delete the previous export first; a failure then left neither it nor a usable
+    new one, plus a float32 merged/ and a partial GGUF."""
+    out = tmp_path / "gguf"
+    before = previous_export(out, "run-llama-q8_0.gguf")
+
+    def convert(merged, gguf_path, quant, log_path, timeout=None):
+        gguf_path.write_bytes(b"GGUF partial")
+        log_path.write_text("Traceback …\nValueError: boom\n")
+        if failure == "disk full":
+            raise OSError(28, "No space left on device")
+        raise KoloraError("llama.cpp's converter failed: ValueError: boom", f"full converter output in {log_path}")
+
+    monkeypatch.setattr(ex, "convert", convert)
+    with pytest.raises(KoloraError) as caught:
+        ex.export(str(runs("llama")), str(out), force=True)
+    assert ("converter failed" if failure == "converter fails" else "disk full") in str(caught.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["gguf"]  # no temp folder, no merged/ beside it
+    if failure == "converter fails":  # the log the error points to outlives the temp folder
+        log = caught.value.hint.split("full converter output in ")[-1]
+        assert "boom" in Path(log).read_text()
+        Path(log).unlink()
+
+
+def test_converter_timeout_is_a_clear_error(tmp_path):
+    from conftest import build_tiny
+
+    model = build_tiny(tmp_path / "m", "llama")
+    with pytest.raises(KoloraError, match="did not finish within") as caught:
+        ex.convert(model, tmp_path / "m.gguf", "f16", tmp_path / "convert.log", timeout=0.01)
+    assert "--convert-timeout" in caught.value.one_line()
 
 
 def test_unknown_tokenizer_fails_with_a_clear_message(tmp_path):

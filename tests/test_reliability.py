@@ -66,6 +66,12 @@ KILL_POINTS = {
     "SIGTERM inside a window (micro-batch 9)": ("term-at-micro=9", 128 + signal.SIGTERM),
     "SIGTERM at a step boundary (micro-batch 10)": ("term-at-micro=10", 128 + signal.SIGTERM),
     "double Ctrl-C (micro-batch 11)": ("int2-at-micro=11", 130),
+    # micro-batch 9 opens step 5's window: the stop re-saves step 4 inside it, and the kill lands
+    # between moving the old step-4 aside and renaming the new one in
+    "killed between the renames of a re-saved checkpoint (step 4)": (
+        "term-at-micro=9,kill-ckpt-between-renames=4", -signal.SIGKILL),
+    # micro-batch 8 ends step 4, a save step: the stop must not save step 4 a second time
+    "SIGTERM on a save step (micro-batch 8)": ("term-at-micro=8,kill-ckpt-between-renames=4", 128 + signal.SIGTERM),
 }
 
 
@@ -79,7 +85,7 @@ def test_killed_run_resumes_to_the_same_losses_and_adapter(point, reference, tin
     assert r.returncode == expected_rc, (r.returncode, r.stderr[-2000:])
     assert "Traceback" not in r.stderr
     assert unusable_complete_checkpoints(run) == []
-    if fault.startswith("term"):
+    if expected_rc == 128 + signal.SIGTERM:
         assert "checkpoint saved at step" in r.stderr and f"--resume {run}" in r.stderr
     if fault.startswith("int2"):
         assert "exiting now" in r.stderr
@@ -282,3 +288,149 @@ def test_run_parts_cannot_point_outside_the_run(finished, tmp_path):
     os.symlink(elsewhere, run / "adapter")
     r = run_cli("chat", str(run), "--question", "전세권이란?", "--max-new-tokens", "2")
     assert r.returncode == 2 and "points outside the run directory" in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------------- checkpoint atomicity
+class FakeAdapter:
+    """Stands in for the PEFT model: `save_pretrained` writes one safetensors file."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def save_pretrained(self, path: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({"w": torch.full((4,), float(self.value))}, path / "adapter_model.safetensors")
+
+
+def save_step(root: Path, step: int, value: float, window_pos: int = 0, fault=None) -> Path:
+    import torch
+
+    param = torch.nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.ones(4)
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return ckpt.save(root, step, adapter_model=FakeAdapter(value), optimizer=optimizer, scheduler=scheduler,
+                     state={"step": step, "window_pos": window_pos, "value": value}, fingerprints={},
+                     rng_by_rank=[ckpt.rng_state()], fault=fault)
+
+
+def saved_value(ckpt_dir: Path) -> float:
+    return json.loads((ckpt_dir / "trainer_state.json").read_text())["value"]
+
+
+def test_a_resaved_checkpoint_is_complete_at_every_instant(tmp_path, monkeypatch):
+    """Re-saving step N (a stop inside the window after the save_every save): after every rename
+    and delete, a complete step-N or its .old- twin exists, so a kill at any instant loses nothing."""
+    root = tmp_path / "checkpoints"
+    save_step(root, 4, value=1.0)
+    name = "step-000004"
+    broken = []
+
+    def check(op):
+        def wrapped(*args, **kwargs):
+            result = op(*args, **kwargs)
+            if not any(ckpt.verify(p, deep=True) is None for p in (root / name, root / f".old-{name}") if p.is_dir()):
+                broken.append(f"after {op.__name__}{tuple(str(a) for a in args)}")
+            return result
+        return wrapped
+
+    monkeypatch.setattr(ckpt.os, "replace", check(ckpt.os.replace))
+    monkeypatch.setattr(ckpt.shutil, "rmtree", check(ckpt.shutil.rmtree))
+    save_step(root, 4, value=2.0, window_pos=1)
+    assert broken == []
+    assert saved_value(root / name) == 2.0 and not (root / f".old-{name}").exists()
+
+
+@pytest.mark.parametrize("crash", ["second rename raises", "fault point"])
+def test_killed_between_the_two_renames_resumes_from_the_old_twin(tmp_path, monkeypatch, crash):
+    root = tmp_path / "checkpoints"
+    save_step(root, 2, value=0.5)
+    save_step(root, 4, value=1.0)
+
+    class Killed(BaseException):
+        pass
+
+    fault = None
+    if crash == "second rename raises":  # old → .old-step-N done, new tmp → step-N not yet
+        real, calls = os.replace, []
+
+        def replace(src, dst):
+            calls.append(src)
+            if len(calls) == 2:
+                raise Killed
+            return real(src, dst)
+
+        monkeypatch.setattr(ckpt.os, "replace", replace)
+    else:
+        def fault(where, value):  # KOLORA_FAULTS=kill-ckpt-between-renames=4 does the same with SIGKILL
+            if where == "ckpt-between-renames":
+                raise Killed
+    with pytest.raises(Killed):
+        save_step(root, 4, value=2.0, window_pos=1, fault=fault)
+    monkeypatch.undo()
+    latest, skipped = ckpt.find_latest(root)
+    assert latest == root / "step-000004", skipped
+    assert ckpt.verify(latest, deep=True) is None and saved_value(latest) == 1.0
+
+
+def test_the_same_state_is_never_saved_twice(tmp_path, monkeypatch):
+    """SIGTERM on a save step asked for a second save of the very same step: rewriting it only
+    opens a window for the SIGKILL that follows a pre-emption's SIGTERM."""
+    root = tmp_path / "checkpoints"
+    first = save_step(root, 4, value=1.0)
+    manifest = (first / ckpt.MANIFEST).read_bytes()
+    renames = []
+    real = os.replace
+    monkeypatch.setattr(ckpt.os, "replace", lambda a, b: (renames.append(a), real(a, b)))
+    assert save_step(root, 4, value=1.0) == first
+    assert renames == [] and (first / ckpt.MANIFEST).read_bytes() == manifest
+    assert sorted(p.name for p in root.iterdir()) == ["step-000004"]
+    save_step(root, 4, value=1.5, window_pos=1)  # another state of the same step is saved
+    assert saved_value(first) == 1.5
+
+
+def test_checkpoint_is_fsynced_before_and_after_the_rename(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    events = []
+    real_fsync, real_replace = ckpt._fsync, os.replace
+    monkeypatch.setattr(ckpt, "_fsync", lambda p: (events.append(("fsync", Path(p).name)), real_fsync(p)))
+    monkeypatch.setattr(ckpt.os, "replace", lambda a, b: (events.append(("rename", Path(b).name)), real_replace(a, b)))
+    save_step(root, 4, value=1.0)
+    rename = events.index(("rename", "step-000004"))
+    before, after = events[:rename], events[rename + 1:]
+    assert ("fsync", ".tmp-step-000004") in before  # the folder's entries, not only its files
+    assert ("fsync", "optimizer.safetensors") in before and ("fsync", "adapter") in before
+    assert ("fsync", "checkpoints") in after
+
+
+# --------------------------------------------------------------------------- run.json and metrics.jsonl
+def test_run_json_is_replaced_atomically(tmp_path, monkeypatch):
+    from kolora import runs
+
+    run = runs.Run(tmp_path)
+    run.update_info(model="tiny")
+    before = run.info_file.read_bytes()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        run.update_info(summary={"steps": 8})
+    assert run.info_file.read_bytes() == before  # never a half-written run.json
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+
+
+def test_truncate_metrics_tolerates_a_torn_last_line(tmp_path):
+    from kolora.runs import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"kind": "train", "step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
+    path.write_text("\n".join(lines) + '\n{"kind": "train", "st', encoding="utf-8")  # killed mid-write
+    assert truncate_metrics(path, 2) == 2
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]

@@ -8,7 +8,8 @@
       trainer_state.json         step, micro-batch position, scheduler, best loss, …
       kolora-checkpoint.json     written last: format, fingerprints, every file's size + sha256
 
-A checkpoint is written into `.tmp-…`, fsynced, renamed, and the parent directory fsynced;
+A checkpoint is written into `.tmp-…`, fsynced, renamed, and the parent directory fsynced (a
+re-saved step moves the old one to `.old-…` first, which `find_latest` renames back after a crash);
 the manifest is the last file written, so a directory without a valid manifest (a crash mid-save,
 a foreign checkpoint copied in, a truncated file) is skipped and reported, never loaded.
 Why not `accelerator.save_state`: it saves the whole frozen base with every checkpoint, is not
@@ -159,6 +160,11 @@ def save(root: Path, step: int, *, adapter_model, optimizer, scheduler, state: d
 
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
+    if same_state(final, state):
+        # A stop requested on a save step asks for this very state again (train saves, then stops).
+        # Rewriting a complete checkpoint gains nothing and opens a window for the SIGKILL a
+        # pre-emption sends shortly after its SIGTERM.
+        return final
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -179,16 +185,35 @@ def save(root: Path, step: int, *, adapter_model, optimizer, scheduler, state: d
     manifest = {"format": FORMAT, "kolora_version": __version__, "step": step,
                 "fingerprints": fingerprints, "files": files}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    # Files, subfolders and the folder itself reach the disk before the rename makes them a checkpoint.
     for f in tmp.rglob("*"):
         _fsync(f)
-    if final.exists():  # re-saving the same step (e.g. after a resume): move the old one aside first
-        old = root / f".old-step-{step:06d}"
-        shutil.rmtree(old, ignore_errors=True)
+    _fsync(tmp)
+    # Re-saving a step (a stop inside the window after the save_every save of that step): the new
+    # one is renamed in before the old one is deleted, so at every instant a complete step-N or its
+    # .old- twin exists, and find_latest puts the twin back if a kill lands between the renames.
+    old = root / f".old-step-{step:06d}"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)  # step-N is complete, so a leftover twin is stale
         os.replace(final, old)
-        shutil.rmtree(old, ignore_errors=True)
+        _fsync(root)
+        if fault:
+            fault("ckpt-between-renames", step)
     os.replace(tmp, final)
     _fsync(root)  # the rename itself must survive a power cut
+    shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def same_state(ckpt: Path, state: dict) -> bool:
+    """Whether `ckpt` is a complete checkpoint of exactly this point: step and micro-batch position."""
+    if verify(ckpt) is not None:
+        return False
+    try:
+        saved = json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (saved.get("step"), saved.get("window_pos", 0)) == (state.get("step"), state.get("window_pos", 0))
 
 
 def _json_random_state() -> list:
@@ -240,6 +265,7 @@ def find_latest(root: Path) -> tuple[Path | None, list[tuple[str, str]]]:
     skipped = []
     if not root.is_dir():
         return None, skipped
+    recover_old_twins(root, skipped)
     for p in root.glob(".tmp-step-*"):
         skipped.append((p.name, "interrupted while saving"))
     for p in sorted(root.glob("step-*"), reverse=True):
@@ -248,6 +274,24 @@ def find_latest(root: Path) -> tuple[Path | None, list[tuple[str, str]]]:
             return p, skipped
         skipped.append((p.name, why))
     return None, skipped
+
+
+def recover_old_twins(root: Path, skipped: list[tuple[str, str]]) -> None:
+    """A kill between the two renames of a re-save leaves `.old-step-N` and no `step-N`: the twin
+    is a complete checkpoint of that step, so it is renamed back. With `step-N` present the twin
+    is what the interrupted save was about to delete."""
+    for old in sorted(root.glob(".old-step-*")):
+        final = root / old.name[len(".old-"):]
+        if final.exists():
+            if verify(final) is None:
+                shutil.rmtree(old, ignore_errors=True)
+            continue
+        why = verify(old, deep=True)
+        if why is None:
+            os.replace(old, final)
+            _fsync(root)
+        else:
+            skipped.append((old.name, why))
 
 
 def read_manifest(ckpt: Path) -> dict:

@@ -14,11 +14,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +37,11 @@ VENDOR = Path(__file__).resolve().parent / "_vendor" / "llama_cpp"
 # export (wrong tensor layout, lost norm offsets, wrong vocabulary) is off by whole units.
 TOLERANCE = {"f16": 0.1, "q8_0": 1.5}
 
+# A 270M model converts in seconds and an 8B one in minutes; a converter stuck far beyond that
+# (a hung file system, swapping) should end with a message rather than hold the terminal forever.
+CONVERT_TIMEOUT = 1800.0
+MARKER = "kolora-export.json"  # marks the folder as a kolora export and lists what it wrote
+
 # Architectures whose GGUF transformers can read back (`gguf_file=`); others convert but the
 # round trip cannot be run here.
 ROUND_TRIP_ARCHS = {"llama", "gemma2", "gemma3", "gpt2", "qwen2", "qwen3", "phi3", "mistral", "stablelm",
@@ -47,14 +54,17 @@ def add_arguments(p) -> None:
     p.add_argument("--quant", default="q8_0", choices=sorted(TOLERANCE),
                    help="GGUF tensor type: q8_0 (half the size of f16, near-lossless) or f16")
     p.add_argument("--out", required=True, help="output directory (GGUF, Modelfile, kolora-export.json)")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace the files of a previous export in --out (listed in its kolora-export.json)")
     p.add_argument("--keep-merged", action="store_true", help="keep the merged Hugging Face model in OUT/merged")
     p.add_argument("--no-check", action="store_true", help="skip the round-trip check (not recommended)")
+    p.add_argument("--convert-timeout", type=float, default=CONVERT_TIMEOUT, metavar="SECONDS",
+                   help=f"stop llama.cpp's converter after this long (default {CONVERT_TIMEOUT:g})")
 
 
 def run(args) -> int:
     result = export(args.run, args.out, quant=args.quant, force=args.force, keep_merged=args.keep_merged,
-                    check=not args.no_check)
+                    check=not args.no_check, convert_timeout=args.convert_timeout)
     return 0 if result["ok"] else 1
 
 
@@ -220,13 +230,19 @@ def prepare_for_converter(merged: Path) -> None:
         config_file.write_text(json.dumps(config, indent=2))
 
 
-def convert(merged: Path, gguf_path: Path, quant: str, log_path: Path) -> float:
+def convert(merged: Path, gguf_path: Path, quant: str, log_path: Path, timeout: float = CONVERT_TIMEOUT) -> float:
     if not (VENDOR / "convert_hf_to_gguf.py").is_file():
         raise KoloraError(f"llama.cpp's converter is missing from {VENDOR}", "reinstall kolora")
     t0 = time.time()
     cmd = [sys.executable, "-m", "kolora.export", "--llama-cpp-convert", str(merged),
            "--outtype", quant, "--outfile", str(gguf_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # run() has killed the converter; its output so far is bytes
+        log_path.write_text("".join(x.decode(errors="replace") if isinstance(x, bytes) else x
+                                    for x in (e.stdout, e.stderr) if x))
+        raise KoloraError(f"llama.cpp's converter did not finish within {timeout:g} s",
+                          f"raise --convert-timeout for a large model or a slow disk; its output so far is in {log_path}")
     log_path.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0 or not gguf_path.is_file():
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
@@ -378,69 +394,41 @@ def round_trip(gguf_path: Path, merged: Path, meta: dict, run_tokenizer, merged_
 
 # --------------------------------------------------------------------------- the verb
 def export(run_path: str, out: str, quant: str = "q8_0", force: bool = False, keep_merged: bool = False,
-           check: bool = True) -> dict:
-    from transformers import AutoTokenizer
-
-    from .data import read_jsonl
-    from .generation import GenConfig
-    from .merging import merge
-    from .runs import open_run
+           check: bool = True, convert_timeout: float = CONVERT_TIMEOUT) -> dict:
+    from .runs import claim_output_dir, open_run, swap_in, temp_dir_beside
 
     if quant not in TOLERANCE:
         raise KoloraError(f"unknown --quant '{quant}'", f"use one of {', '.join(sorted(TOLERANCE))}")
+    if not convert_timeout > 0:
+        raise KoloraError(f"--convert-timeout must be positive (got {convert_timeout:g})",
+                          f"give the converter seconds to run, e.g. {CONVERT_TIMEOUT:g}")
     run = open_run(run_path)
-    out_dir = Path(out).expanduser()
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise KoloraError(f"{out} exists and is not empty", "choose another --out or pass --force")
-    remove_previous_export(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = run.config()
-    t0 = time.time()
-
-    merged = out_dir / "merged"
-    merge_result = merge(str(run.path), str(merged), force=True)
-    run_tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
-    kind, template = export_template(run_tokenizer, cfg)
-    merged_tokenizer = AutoTokenizer.from_pretrained(merged)
-    merged_tokenizer.chat_template = template
-    merged_tokenizer.save_pretrained(merged)
-    test = read_jsonl(run.split("test")) if run.split("test").is_file() else []
-    examples = probe_examples([ex.question for ex in test[:3]] or ["전세권의 존속기간은 얼마인가요?"])
-    check_template(run_tokenizer, merged_tokenizer, cfg, examples)
-    prepare_for_converter(merged)
-
-    name = run.path.resolve().name
-    gguf_path = out_dir / f"{name}-{quant}.gguf"
-    print(f"[kolora] converting with llama.cpp's convert_hf_to_gguf.py ({quant}) …", flush=True)
-    seconds = convert(merged, gguf_path, quant, out_dir / "convert.log")
-    meta = gguf_metadata(gguf_path)
-    if meta.get("chat_template") != template:
-        raise KoloraError(f"{gguf_path.name} lacks the chat template that was written into the merged tokenizer",
-                          f"see {out_dir / 'convert.log'}")
-
-    text, how = modelfile(gguf_path.name, kind, run_tokenizer, cfg, GenConfig())
-    (out_dir / "Modelfile").write_text(text, encoding="utf-8")
-
-    if check:
-        print("[kolora] round trip: reading the GGUF back with transformers …", flush=True)
-        rt = round_trip(gguf_path, merged, meta, run_tokenizer, merged_tokenizer, cfg, examples, quant)
-    else:
-        rt = {"checked": False, "reason": "--no-check"}
-    result = {
-        "run": str(run.path), "base": cfg.model.name, "gguf": gguf_path.name, "quant": quant,
-        "size_mb": round(gguf_path.stat().st_size / 2**20, 1), "arch": meta.get("arch"),
-        "tokenizer_pre": meta.get("pre"), "add_bos": bool(meta.get("add_bos")),
-        "chat_template": kind, "modelfile_template": how,
-        "merge_max_logit_diff": merge_result["max_logit_diff"], "convert_seconds": round(seconds, 1),
-        "round_trip": rt, "seconds": round(time.time() - t0, 1),
-        "converter": "llama.cpp convert_hf_to_gguf.py from llama-cpp-python 0.3.36 (vendored)",
-        "grounded": bool(cfg.retrieval.corpus),
-    }
-    result["ok"] = rt.get("ok", True)
-    (out_dir / "kolora-export.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
-    if not keep_merged:
-        shutil.rmtree(merged)
+    out_dir = Path(os.path.abspath(Path(out).expanduser()))
+    gguf_name = f"{run.path.resolve().name}-{quant}.gguf"
+    # --force replaces only the files a previous export listed; nothing is touched until the new
+    # export is complete
+    replaced = claim_output_dir(out_dir, "export", force,
+                                writes=[gguf_name, "Modelfile", "convert.log", MARKER, "merged"])
+    # Everything is written into a folder beside --out and renamed in only on success: a full disk,
+    # a failed conversion or Ctrl-C leaves the previous export whole and no float32 merged/ or
+    # partial GGUF anywhere.
+    work = temp_dir_beside(out_dir)
+    try:
+        result = _export_into(work, run, gguf_name, quant, keep_merged, check, convert_timeout, out_dir)
+        swap_in(work, out_dir, replaced, MARKER)
+    except OSError as e:
+        shutil.rmtree(work, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise KoloraError(f"disk full while exporting to {out_dir} ({e.strerror}); "
+                              + ("the previous export is unchanged" if replaced else "nothing was left behind"),
+                              f"free space on {out_dir.parent} (the export needs room for a float32 copy of the "
+                              "model and the GGUF) and run it again") from None
+        raise
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     report(result, out_dir)
+    rt = result["round_trip"]
     if not result["ok"]:
         problems = []
         if rt.get("checked") and rt["max_logit_diff"] > rt["tolerance"]:
@@ -454,22 +442,79 @@ def export(run_path: str, out: str, quant: str = "q8_0", force: bool = False, ke
         if not rt["vocab_match"]:
             problems.append(f"{len(rt['vocab_mismatch'])}+ tokens differ from the tokenizer's")
         raise KoloraError(f"the GGUF does not answer like the merged model: {'; '.join(problems)} "
-                          f"(details in {out_dir / 'kolora-export.json'})",
+                          f"(details in {out_dir / MARKER})",
                           "try --quant f16; if it persists, report it with convert.log")
     return result
 
 
-def remove_previous_export(out_dir: Path) -> None:
-    """--force replaces what an export writes, never anything else a user keeps in that folder."""
-    if not out_dir.is_dir():
-        return
-    shutil.rmtree(out_dir / "merged", ignore_errors=True)
-    for name in ("Modelfile", "kolora-export.json", "convert.log"):
-        (out_dir / name).unlink(missing_ok=True)
-    for gguf in out_dir.glob("*-f16.gguf"):
-        gguf.unlink()
-    for gguf in out_dir.glob("*-q8_0.gguf"):
-        gguf.unlink()
+def _export_into(work: Path, run, gguf_name: str, quant: str, keep_merged: bool, check: bool,
+                 convert_timeout: float, out_dir: Path) -> dict:
+    """Steps 1-5 of the module docstring, writing only into `work` (renamed to `out_dir` after)."""
+    from transformers import AutoTokenizer
+
+    from .data import read_jsonl
+    from .generation import GenConfig
+    from .merging import merge
+
+    cfg = run.config()
+    t0 = time.time()
+
+    merged = work / "merged"
+    merge_result = merge(str(run.path), str(merged))
+    run_tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
+    kind, template = export_template(run_tokenizer, cfg)
+    merged_tokenizer = AutoTokenizer.from_pretrained(merged)
+    merged_tokenizer.chat_template = template
+    merged_tokenizer.save_pretrained(merged)
+    test = read_jsonl(run.split("test")) if run.split("test").is_file() else []
+    examples = probe_examples([ex.question for ex in test[:3]] or ["전세권의 존속기간은 얼마인가요?"])
+    check_template(run_tokenizer, merged_tokenizer, cfg, examples)
+    prepare_for_converter(merged)
+
+    gguf_path = work / gguf_name
+    print(f"[kolora] converting with llama.cpp's convert_hf_to_gguf.py ({quant}) …", flush=True)
+    log = work / "convert.log"
+    try:
+        seconds = convert(merged, gguf_path, quant, log, timeout=convert_timeout)
+        meta = gguf_metadata(gguf_path)
+        if meta.get("chat_template") != template:
+            raise KoloraError(f"{gguf_path.name} lacks the chat template that was written into the merged tokenizer",
+                              f"see {log}")
+    except KoloraError as e:
+        # The temp folder goes, but the log the message points to must stay; not in or beside
+        # --out, whose folder holds only what the user asked for.
+        if not log.is_file():
+            raise
+        fd, kept = tempfile.mkstemp(prefix=f"kolora-convert-{out_dir.name}-", suffix=".log")
+        os.close(fd)
+        shutil.copyfile(log, kept)
+        raise KoloraError(str(e), (e.hint or "").replace(str(log), kept)) from None
+
+    text, how = modelfile(gguf_path.name, kind, run_tokenizer, cfg, GenConfig())
+    (work / "Modelfile").write_text(text, encoding="utf-8")
+
+    if check:
+        print("[kolora] round trip: reading the GGUF back with transformers …", flush=True)
+        rt = round_trip(gguf_path, merged, meta, run_tokenizer, merged_tokenizer, cfg, examples, quant)
+    else:
+        rt = {"checked": False, "reason": "--no-check"}
+    if not keep_merged:
+        shutil.rmtree(merged)
+    result = {
+        "run": str(run.path), "base": cfg.model.name, "gguf": gguf_path.name, "quant": quant,
+        "size_mb": round(gguf_path.stat().st_size / 2**20, 1), "arch": meta.get("arch"),
+        "tokenizer_pre": meta.get("pre"), "add_bos": bool(meta.get("add_bos")),
+        "chat_template": kind, "modelfile_template": how,
+        "merge_max_logit_diff": merge_result["max_logit_diff"], "convert_seconds": round(seconds, 1),
+        "round_trip": rt, "seconds": round(time.time() - t0, 1),
+        "converter": "llama.cpp convert_hf_to_gguf.py from llama-cpp-python 0.3.36 (vendored)",
+        "grounded": bool(cfg.retrieval.corpus),
+        # what this export wrote: a later --force replaces these and nothing else in --out
+        "files": sorted([p.name for p in work.iterdir()] + [MARKER]),
+    }
+    result["ok"] = rt.get("ok", True)
+    (work / MARKER).write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    return result
 
 
 def report(result: dict, out_dir: Path) -> None:

@@ -59,7 +59,8 @@ class StopRequest:
 
 class Faults:
     """Fault injection for the reliability tests, from $KOLORA_FAULTS, e.g.
-    `kill-at-micro=5,kill-in-save=4,nan-at-step=3,term-at-micro=7,int2-at-micro=3,oom-at-step=2`.
+    `kill-at-micro=5,kill-in-save=4,nan-at-step=3,term-at-micro=7,int2-at-micro=3,oom-at-step=2`,
+    `kill-ckpt-between-renames=4` (re-saving step 4: old one moved aside, new one not yet renamed in).
     Unset (every user run) it does nothing."""
 
     def __init__(self, spec: str | None = None):
@@ -76,8 +77,8 @@ class Faults:
         return self.points.get(name) == value
 
     def __call__(self, where: str, value: int) -> None:
-        """Act at a fault point: `where` is micro | in-save | step."""
-        if self.hit(f"kill-{'at-' if where != 'in-save' else ''}{where}", value):
+        """Act at a fault point: `where` is micro | step | in-save | ckpt-between-renames."""
+        if self.hit(f"kill-{'at-' if where in ('micro', 'step') else ''}{where}", value):
             os.kill(os.getpid(), signal.SIGKILL)  # like the OOM killer: no handler, no cleanup
         if self.hit(f"term-at-{where}", value):
             os.kill(os.getpid(), signal.SIGTERM)

@@ -10,7 +10,7 @@ HELP = "merge the adapter into a standalone model"
 def add_arguments(p) -> None:
     p.add_argument("run")
     p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--force", action="store_true", help="replace a merged model kolora wrote in --out (never other files)")
 
 
 def run(args) -> int:

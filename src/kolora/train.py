@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,7 +48,7 @@ from .loss import EVAL_BATCH_MIN, answer_loss_module, evaluate_loss
 from .models import ModelSource, attach_lora, load_model, load_tokenizer, resolve
 from .prompt import IGNORE
 from .report import ascii_chart, loss_series, read_metrics
-from .runs import Run, default_output_dir, open_run, truncate_metrics
+from .runs import Run, claim_output_dir, default_output_dir, open_run, remove_entries, truncate_metrics
 
 HELP = "fine-tune a LoRA adapter"
 
@@ -202,11 +201,8 @@ def setup_run(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, st
     cfg.retrieval.corpus = [absolute(v) for v in corpus_paths(cfg)]
     cfg.retrieval.expand_with = [absolute(v) for v in cfg.retrieval.expand_with or []]
     run = Run(Path(resume or cfg.train.output_dir or default_output_dir(cfg.model.name)))
-    if not resume and not dry_run and run.path.is_dir() and any(run.path.iterdir()):
-        if not force:
-            raise KoloraError(f"output directory {run.path} already holds a run",
-                              f"resume it with `kolora train --resume {run.path}`, pick another --out, or pass --force to replace it")
-        shutil.rmtree(run.path)
+    if not resume and not dry_run:  # --force replaces only a kolora run (run.json), never other files
+        remove_entries(claim_output_dir(run.path, "run", force))
     use_cuda = torch.cuda.is_available()
     precision = choose_precision(cfg.train.mixed_precision, cfg.model.dtype, cuda=use_cuda)
     if cfg.train.threads > 0:
@@ -295,6 +291,7 @@ def write_run_directory(t: Trainer) -> None:
     from here on can be resumed with `--resume`."""
     if t.is_main and not t.resume:
         (t.run.path / "data").mkdir(parents=True, exist_ok=True)
+        t.run.update_info(kolora_version=__version__)  # run.json first: it marks the folder as a run
         save_yaml(t.cfg, t.run.config_file, f"# kolora train --config {t.run.config_file}\n")
         for name in SPLITS:  # without context: chat and eval retrieve again from the saved index
             write_jsonl([replace(ex, context=None) for ex in t.splits[name]], t.run.split(name))
