@@ -1,0 +1,141 @@
+"""Grounded answers end to end on a tiny model: the index is built from the training split,
+saved in the run and reused by retrieve, chat and eval; RAFT's oracle rule is seeded; the
+passages are prompt, never labels; a changed corpus is refused; nothing crashes on no hits."""
+
+import json
+import shutil
+
+import pytest
+from conftest import ROOT, TINY_TRAIN, make_tokenizer, run_cli
+
+from kolora import grounding
+from kolora.config import RunConfig
+from kolora.data import Example, load_examples, split_examples
+from kolora.prompt import CONTEXT_MARK, IGNORE, encode_example, render_prompt
+
+STATUTES = ROOT / "data" / "statutes"
+
+
+def grounded_cfg(data, oracle_p=0.8, seed=42) -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.path = str(data)
+    cfg.retrieval.corpus = [str(STATUTES)]
+    cfg.retrieval.k = 2
+    cfg.retrieval.context_tokens = 96
+    cfg.retrieval.oracle_p = oracle_p
+    cfg.train.seed = seed
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def train_rows(small_csv):
+    examples, _ = load_examples(str(small_csv))
+    return split_examples(examples)["train"]
+
+
+def test_oracle_insertion_is_seeded_and_follows_oracle_p(train_rows):
+    tok = make_tokenizer()
+    cfg = grounded_cfg("x", oracle_p=1.0)
+    g = grounding.build(cfg, train_rows)
+    once, counts = grounding.ground_training(g, cfg, train_rows, tok)
+    again, _ = grounding.ground_training(g, cfg, train_rows, tok)
+    assert [ex.context for ex in once] == [ex.context for ex in again]  # a resumed run sees the same prompts
+    assert counts["citing"] > 0 and counts["missed"] == 0
+    cited = g.cited(train_rows)
+    for ex, ids in zip(once, cited):  # oracle_p 1: every citing row shows (a trimmed copy of) its article
+        if ids:
+            assert any(f"[{g.corpus.get(pid).header}]" in ex.context for pid in ids), ex.question
+    cfg0 = grounded_cfg("x", oracle_p=0.0)
+    _, counts0 = grounding.ground_training(g, cfg0, train_rows, tok)
+    assert counts0["inserted"] == 0 and counts0["missed"] == counts["inserted"]
+    other, _ = grounding.ground_training(g, grounded_cfg("x", oracle_p=0.5, seed=7), train_rows, tok)
+    assert len(other) == len(train_rows)
+
+
+def test_passages_fit_the_budget_and_are_never_labels():
+    tok = make_tokenizer()
+    cfg = grounded_cfg("x")
+    g = grounding.build(cfg, [])
+    [ex], [hits] = g.ground([Example("전세권의 존속기간은 최장 몇 년인가요?", "민법 제312조 제1항에 따라 10년입니다.")], tok)
+    assert hits and ex.context.startswith(f"[{hits[0].passage.header}]")
+    for block in ex.context.split("\n\n["):
+        assert len(tok(block, add_special_tokens=False).input_ids) <= cfg.retrieval.context_tokens // cfg.retrieval.k + 2
+    text = render_prompt(tok, ex)
+    assert text.index(CONTEXT_MARK) < text.index(ex.question)
+    ids, labels = encode_example(tok, ex)
+    answer = tok(ex.answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
+    assert labels[-len(answer):] == answer and all(x == IGNORE for x in labels[:-len(answer)])
+    assert len(ids) - len(answer) > len(encode_example(tok, Example(ex.question, ex.answer))[0]) - len(answer) + 20
+
+
+def test_no_hits_is_answered_with_no_sources():
+    tok = make_tokenizer()
+    g = grounding.build(grounded_cfg("x"), [])
+    [ex], [hits] = g.ground([Example("zzqx qqzz", "")], tok)
+    assert hits == [] and ex.context == grounding.NO_SOURCES
+    assert "no sources found" in grounding.sources_line(hits)
+
+
+@pytest.fixture(scope="module")
+def grounded_run(tiny_models, small_csv, tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("corpus") / "statutes"
+    shutil.copytree(STATUTES, corpus)
+    run = tmp_path_factory.mktemp("grounded") / "run"
+    r = run_cli("train", "--model", str(tiny_models["llama"]), "--data", str(small_csv), "--out", str(run),
+                *TINY_TRAIN, "--max-steps", "2", "--retrieval.corpus", str(corpus), "--retrieval.k", "2",
+                "--retrieval.context_tokens", "96", "--train.health_check", "2")
+    assert r.returncode == 0, r.stderr
+    return run, corpus, r.stdout
+
+
+def test_grounded_training_saves_its_index_and_reports_recall(grounded_run):
+    run, corpus, out = grounded_run
+    assert (run / "index" / "manifest.json").is_file()
+    assert "retrieval: 1303 passages, top 2 within 96 tokens" in out
+    assert "recall@3" in out
+    info = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    assert info["fingerprints"]["retrieval"]["k"] == 2 and info["retrieval_recall"]["questions"] > 0
+    first = json.loads((run / "data" / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert "context" not in first  # splits stay plain: chat and eval retrieve again from the saved index
+
+
+def test_retrieve_chat_and_eval_use_the_runs_index(grounded_run):
+    run, _, _ = grounded_run
+    r = run_cli("retrieve", str(run), "전세권의 존속기간은 최장 몇 년인가요?")
+    assert r.returncode == 0, r.stderr
+    assert "1. " in r.stdout and "제312조" in r.stdout
+    r = run_cli("chat", str(run), "-q", "전세권의 존속기간은 최장 몇 년인가요?", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    assert "근거: " in r.stdout
+    r = run_cli("chat", str(run), "-q", "zzqx qqzz", "--max-new-tokens", "4")
+    assert r.returncode == 0 and "no sources found" in r.stdout
+    r = run_cli("eval", str(run), "--max-samples", "3", "--max-new-tokens", "4", "--four-way", "--no-cache")
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((run / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    assert {"base", "tuned", "base_plain", "tuned_plain"} <= set(metrics)
+    assert metrics["retrieval"]["k"] == 2 and "recall@3" in metrics["retrieval"]
+    assert "tuned + retrieval" in r.stdout
+    sample = json.loads((run / "eval" / "samples.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    assert sample["sources"] and "citation" in sample["tuned"] and "unsupported" in sample["tuned"]["citation"]
+    assert "검색과 근거" in (run / "eval" / "report.html").read_text(encoding="utf-8")
+
+
+def test_a_changed_corpus_is_refused_by_name(grounded_run):
+    run, corpus, _ = grounded_run
+    law = corpus / "주택임대차보호법.md"
+    original = law.read_text(encoding="utf-8")
+    try:
+        law.write_text(original.replace("2년", "3년", 1), encoding="utf-8")
+        r = run_cli("chat", str(run), "-q", "질문", "--max-new-tokens", "2")
+        assert r.returncode == 2
+        assert "changed" in r.stderr and "주택임대차보호법.md" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        law.write_text(original, encoding="utf-8")
+
+
+def test_a_corpus_without_articles_is_one_line(tiny_models, small_csv, tmp_path):
+    bad = tmp_path / "notes.md"
+    bad.write_text("# 메모\n\n조문이 없는 글입니다.\n", encoding="utf-8")
+    r = run_cli("train", "--model", str(tiny_models["llama"]), "--data", str(small_csv), "--out", str(tmp_path / "r"),
+                *TINY_TRAIN, "--retrieval.corpus", str(bad))
+    assert r.returncode == 2 and "notes.md" in r.stderr and "Traceback" not in r.stderr
