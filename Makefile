@@ -27,6 +27,7 @@ demo: install
 	$(KOLORA) eval runs/demo
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-fast: install
