@@ -150,7 +150,7 @@ def test_history_and_system_prompt_reach_the_prompt(loaded, monkeypatch):
     from kolora.prompt import encode_prompt
 
     fake = FakeGeneration(loaded.tokenizer, steps=2, delay=0)
-    monkeypatch.setattr("kolora.chat.generate_details", fake)
+    monkeypatch.setattr("kolora.serve.generate_details", fake)
     messages = [
         {"role": "system", "content": "간단히 답하세요."},
         {"role": "user", "content": "전세권이란?"},
@@ -275,7 +275,7 @@ def test_two_concurrent_requests_are_both_answered(client, server):
 @pytest.fixture(scope="module")
 def loaded(tiny_run):
     """The tiny run loaded in this process, for in-process servers (`live`)."""
-    from kolora.chat import GenConfig
+    from kolora.generation import GenConfig
     from kolora.runs import open_run
     from kolora.serve import load_state
 
@@ -311,7 +311,7 @@ def live(base, **settings):
 
 
 class FakeGeneration:
-    """Stands in for kolora.chat.generate_details: streams `steps` copies of a short piece, `delay`
+    """Stands in for kolora.serve.generate_details: streams `steps` copies of a short piece, `delay`
     seconds apart, through the server's streamer as model.generate does. Records the prompt ids,
     and how each generation ended (finished, or the exception that cut it, with the step)."""
 
@@ -323,7 +323,7 @@ class FakeGeneration:
     def __call__(self, model, tokenizer, prompts, gen, streamer=None):
         import torch
 
-        from kolora.chat import Generation
+        from kolora.generation import Generation
 
         self.prompts.append(list(prompts[0]))
         step = 0
@@ -352,7 +352,7 @@ def chat_body(**kwargs):
 
 def test_non_streaming_client_that_disconnects_cancels_generation(loaded, monkeypatch):
     fake = FakeGeneration(loaded.tokenizer, steps=400, delay=0.025)  # 10 s unless cancelled
-    monkeypatch.setattr("kolora.chat.generate_details", fake)
+    monkeypatch.setattr("kolora.serve.generate_details", fake)
     with live(loaded) as srv:
         started = time.time()
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
@@ -368,7 +368,7 @@ def test_non_streaming_client_that_disconnects_cancels_generation(loaded, monkey
 
 def test_queue_is_bounded_with_429(loaded, monkeypatch):
     fake = FakeGeneration(loaded.tokenizer, steps=400, delay=0.025)
-    monkeypatch.setattr("kolora.chat.generate_details", fake)
+    monkeypatch.setattr("kolora.serve.generate_details", fake)
     url = "/v1/chat/completions"
     with live(loaded, max_queue=1) as srv, httpx.Client(base_url=srv.url, timeout=10) as http:
         with http.stream("POST", url, json=chat_body(stream=True, max_tokens=CAP)) as running, \
@@ -402,7 +402,7 @@ def test_max_queue_flag():
 
 
 def test_foreign_host_origin_and_content_type_are_refused(loaded, monkeypatch):
-    monkeypatch.setattr("kolora.chat.generate_details", FakeGeneration(loaded.tokenizer, steps=2, delay=0))
+    monkeypatch.setattr("kolora.serve.generate_details", FakeGeneration(loaded.tokenizer, steps=2, delay=0))
     with live(loaded) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
         url, port = "/v1/chat/completions", srv.port
         # DNS rebinding: a foreign name pointing at 127.0.0.1 reads nothing
@@ -436,7 +436,7 @@ def test_foreign_host_origin_and_content_type_are_refused(loaded, monkeypatch):
 
 
 def test_allow_origin_lets_a_named_page_in(loaded, monkeypatch):
-    monkeypatch.setattr("kolora.chat.generate_details", FakeGeneration(loaded.tokenizer, steps=2, delay=0))
+    monkeypatch.setattr("kolora.serve.generate_details", FakeGeneration(loaded.tokenizer, steps=2, delay=0))
     with live(loaded, allow_origins=("http://app.test:3000", "https://b.test")) as srv, \
             httpx.Client(base_url=srv.url, timeout=30) as http:
         url = "/v1/chat/completions"
