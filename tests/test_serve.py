@@ -460,6 +460,220 @@ def test_allow_origin_flag_is_split_on_commas():
         parse_origins(["a.test"])
 
 
+# --------------------------------------------------------------------------- grounded answers
+STATUTE = """# 주택임대차보호법
+
+제3조(대항력 등) ① 임대차는 그 등기가 없는 경우에도 임차인이 주택의 인도와 주민등록을 마친 때에는 그 다음 날부터 제삼자에 대하여 효력이 생긴다.
+
+제4조(임대차기간 등) ① 기간을 정하지 아니하거나 2년 미만으로 정한 임대차는 그 기간을 2년으로 본다. 다만, 임차인은 2년 미만으로 정한 기간이 유효함을 주장할 수 있다.
+② 임대차기간이 끝난 경우에도 임차인이 보증금을 반환받을 때까지는 임대차관계가 존속되는 것으로 본다.
+
+제8조(보증금 중 일정액의 보호) ① 임차인은 보증금 중 일정액을 다른 담보물권자보다 우선하여 변제받을 권리가 있다.
+"""
+GROUNDED_Q = "주택 임대차의 존속기간은 몇 년인가요?"
+TERM = "주택임대차보호법 제4조(임대차기간 등)"  # what retrieval finds first for GROUNDED_Q
+# cites 제4조 (which says 2년), an article the corpus lacks, and a number no cited article states
+CITING = "주택임대차보호법 제4조 제1항에 따라 2년입니다. 제9조에 따르면 3년입니다."
+
+
+@pytest.fixture(scope="module")
+def grounded_run(tiny_models, small_csv, tmp_path_factory):
+    """A run trained with retrieval.corpus on a three-article statute: it has <run>/index/."""
+    root = tmp_path_factory.mktemp("grounded")
+    statute = root / "주택임대차보호법.md"
+    statute.write_text(STATUTE, encoding="utf-8")
+    run = root / "tiny-grounded"
+    r = run_cli("train", "--model", str(tiny_models["llama"]), "--data", str(small_csv), "--out", str(run),
+                "--max-steps", "2", "--train.batch_size", "4", "--train.grad_accum", "1", "--train.eval_every", "2",
+                "--train.save_every", "2", "--train.tensorboard", "false", "--train.health_check", "0",
+                "--lora.r", "4", "--lora.alpha", "8", "--data.max_length", "512",
+                "--retrieval.corpus", str(statute), "--retrieval.k", "2", "--retrieval.context_tokens", "64")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run / "index").is_dir()
+    return run
+
+
+@pytest.fixture(scope="module")
+def grounded(grounded_run):
+    from kolora.generation import GenConfig
+    from kolora.runs import open_run
+    from kolora.serve import load_state
+
+    state = load_state(open_run(str(grounded_run)), GenConfig(max_new_tokens=DEFAULT_TOKENS), CAP)
+    assert state.grounding is not None
+    return state
+
+
+def post(srv, question=GROUNDED_Q, **kwargs):
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": question}],
+                                                           **kwargs}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def decoded(state, prompt) -> str:
+    return state.tokenizer.decode(prompt, skip_special_tokens=True)
+
+
+def test_grounded_reply_names_its_sources_and_what_it_cites(grounded, monkeypatch):
+    """The passages go into the prompt exactly as `kolora chat` puts them there; the reply lists
+    them, marks the one the answer cites, and names what the citation check could not find."""
+    from kolora.data import Example
+    from kolora.prompt import CONTEXT_MARK, encode_prompt
+
+    fake = FakeGeneration(grounded.tokenizer, steps=1, delay=0, piece=CITING)
+    monkeypatch.setattr("kolora.serve.generate_details", fake)
+    with live(grounded) as srv:
+        body = post(srv)
+    assert body["choices"][0]["message"]["content"] == CITING
+    sources = body["sources"]
+    assert [s["header"] for s in sources][0] == TERM and len(sources) == 2  # retrieval.k 2
+    assert all(set(s) == {"id", "header", "score", "text", "cited"} for s in sources)
+    top = sources[0]
+    assert top["id"] == "주택임대차보호법 제4조" and top["cited"] is True and top["score"] > 0
+    assert top["text"].startswith("① 기간을 정하지 아니하거나 2년 미만으로") and "② 임대차기간이 끝난" in top["text"]
+    assert [s["cited"] for s in sources[1:]] == [False]
+    assert any("제9조" in claim and "no such article" in claim for claim in body["unsupported"])
+    assert any("3년" in claim for claim in body["unsupported"])
+    assert not any("2년" in claim for claim in body["unsupported"])  # 제4조 says 2년
+
+    [prompt] = fake.prompts
+    text = decoded(grounded, prompt)
+    assert CONTEXT_MARK in text and f"[{TERM}]" in text and "기간을 정하지" in text
+    assert text.index(TERM) < text.index(GROUNDED_Q)  # the passages come before the question
+    # exactly chat's prompt: the same retrieval, context budget and template
+    [ex], _ = grounded.grounding.ground([Example(GROUNDED_Q, "")], grounded.tokenizer)
+    cfg = grounded.cfg.data
+    assert prompt == encode_prompt(grounded.tokenizer, ex, cfg.system_prompt, cfg.template)
+    assert body["usage"]["prompt_tokens"] == len(prompt)
+
+
+def test_grounded_retrieval_uses_the_last_user_message(grounded, monkeypatch):
+    fake = FakeGeneration(grounded.tokenizer, steps=2, delay=0)
+    monkeypatch.setattr("kolora.serve.generate_details", fake)
+    messages = [{"role": "user", "content": "보증금 중 일정액은 우선 변제받나요?"},
+                {"role": "assistant", "content": "네."},
+                {"role": "user", "content": GROUNDED_Q}]
+    with live(grounded) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": messages}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["sources"][0]["header"] == TERM
+    assert "보증금 중 일정액의 보호" not in decoded(grounded, fake.prompts[0])
+
+
+def test_no_retrieval_answers_ungrounded(grounded, monkeypatch):
+    """--no-retrieval: no passages in the prompt, no `sources` in the reply (an ungrounded run's reply)."""
+    from kolora.data import Example
+    from kolora.prompt import CONTEXT_MARK, encode_prompt
+
+    fake = FakeGeneration(grounded.tokenizer, steps=2, delay=0)
+    monkeypatch.setattr("kolora.serve.generate_details", fake)
+    with live(grounded, grounding=None) as srv:
+        body = post(srv)
+        models = httpx.get(srv.url + "/v1/models", timeout=10).json()
+    assert body["choices"][0]["message"]["content"]
+    assert "sources" not in body and "unsupported" not in body
+    assert models["data"][0]["grounded"] is False
+    [prompt] = fake.prompts
+    assert CONTEXT_MARK not in decoded(grounded, prompt) and "기간을 정하지" not in decoded(grounded, prompt)
+    cfg = grounded.cfg.data
+    assert prompt == encode_prompt(grounded.tokenizer, Example(GROUNDED_Q, ""), cfg.system_prompt, cfg.template)
+
+
+def test_no_retrieval_flag_reaches_the_state(grounded_run, monkeypatch):
+    """`kolora serve RUN --no-retrieval` loads no index; without the flag a grounded run loads its own."""
+    from kolora import serve as serve_module
+    from kolora.cli import build_parser
+
+    started = []
+    monkeypatch.setattr(serve_module, "serve", lambda state, host, port: started.append(state))
+    for flags, grounded_ in (([], True), (["--no-retrieval"], False)):
+        args = build_parser().parse_args(["serve", str(grounded_run), "--port", str(free_port()), *flags])
+        assert serve_module.run(args) == 0
+        assert (started[-1].grounding is not None) is grounded_, flags
+    assert "--no-retrieval" in run_cli("serve", "--help").stdout
+
+
+def test_a_question_retrieval_cannot_place_is_still_answered(grounded, monkeypatch):
+    from kolora.grounding import NO_SOURCES
+
+    fake = FakeGeneration(grounded.tokenizer, steps=2, delay=0)
+    monkeypatch.setattr("kolora.serve.generate_details", fake)
+    assert grounded.grounding.retrieve("hello there?") == []
+    with live(grounded) as srv:
+        body = post(srv, "hello there?")
+        streamed = sse_events(srv, "hello there?")
+    assert body["choices"][0]["message"]["content"]
+    assert body["sources"] == [] and body["unsupported"] == []
+    assert NO_SOURCES in decoded(grounded, fake.prompts[0])  # the prompt says so, as in training
+    assert streamed[0]["sources"] == [] and streamed[-1]["sources"] == []
+
+
+def sse_events(srv, question=GROUNDED_Q, **kwargs) -> list[dict]:
+    """The JSON events of a streamed reply, checking that it ends with [DONE]."""
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=60,
+                      json={"messages": [{"role": "user", "content": question}], "stream": True, **kwargs}) as r:
+        assert r.status_code == 200
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_streaming_sends_sources_first_and_checked_last(grounded, monkeypatch):
+    """First chunk: the sources (nothing cited yet). The finish_reason chunk: the sources with `cited`,
+    and `unsupported`. The usage chunk (include_usage) stays OpenAI's."""
+    fake = FakeGeneration(grounded.tokenizer, steps=1, delay=0, piece=CITING)
+    monkeypatch.setattr("kolora.serve.generate_details", fake)
+    with live(grounded) as srv:
+        events = sse_events(srv, stream_options={"include_usage": True})
+    first, *middle, finish, usage = events
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+    assert [s["header"] for s in first["sources"]][0] == TERM
+    assert not any(s["cited"] for s in first["sources"]) and "unsupported" not in first
+    assert all("sources" not in e for e in middle)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in middle) == CITING
+    assert finish["choices"][0]["finish_reason"] in ("stop", "length")
+    assert [s["cited"] for s in finish["sources"]] == [True, False]
+    assert [s["text"] for s in finish["sources"]] == [s["text"] for s in first["sources"]]
+    assert any("제9조" in claim for claim in finish["unsupported"])
+    assert usage["choices"] == [] and "usage" in usage and "sources" not in usage
+
+
+def test_grounded_answers_like_kolora_chat_through_the_openai_client(grounded):
+    """The real tiny model, no fakes: the openai client reads the reply unchanged (the extra fields
+    ride along in model_extra), and the answer is `kolora chat`'s grounded answer."""
+    from kolora.data import Example
+    from kolora.generation import GenConfig, generate_batched
+
+    with live(grounded) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model=grounded.name,
+                                               messages=[{"role": "user", "content": GROUNDED_Q}])
+        chunks = list(client.chat.completions.create(model=grounded.name, stream=True,
+                                                     messages=[{"role": "user", "content": GROUNDED_Q}]))
+    assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+    assert reply.model_extra["sources"][0]["header"] == TERM
+    assert isinstance(reply.model_extra["unsupported"], list)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed.strip() == reply.choices[0].message.content
+    assert chunks[0].model_extra["sources"][0]["header"] == TERM
+
+    examples, _ = grounded.grounding.ground([Example(GROUNDED_Q, "")], grounded.tokenizer)
+    rows, _ = generate_batched(grounded.model, grounded.tokenizer, grounded.cfg, examples,
+                               GenConfig(max_new_tokens=DEFAULT_TOKENS))
+    assert reply.choices[0].message.content == rows[0].text
+
+
+def test_ungrounded_run_sends_no_sources(loaded, monkeypatch):
+    monkeypatch.setattr("kolora.serve.generate_details", FakeGeneration(loaded.tokenizer, steps=2, delay=0))
+    assert loaded.grounding is None
+    with live(loaded) as srv:
+        body = post(srv, QUESTION)
+        events = sse_events(srv, QUESTION)
+    assert "sources" not in body and "unsupported" not in body
+    assert not any("sources" in e or "unsupported" in e for e in events)
+
+
 # --------------------------------------------------------------------------- stop strings
 def cut(stops, pieces):
     from kolora.serve import StopCutter
