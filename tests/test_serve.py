@@ -854,3 +854,116 @@ def test_web_page_streams_an_answer_and_names_the_run(browser, client, server):
     browser.key("Enter", 13)
     browser.wait_for(f"{ASSISTANT}.length === 2 && {ASSISTANT}[1].dataset.state === 'done'", timeout=120)
     assert browser.js("document.querySelectorAll('.msg.error').length") == 0
+
+
+# The page's script run in Node with a minimal DOM (no browser needed): element trees built with
+# createElement / append / textContent, every innerHTML write recorded.
+PAGE_HARNESS = r"""
+const fs = require("fs"), vm = require("vm");
+const html = fs.readFileSync(process.argv[2], "utf8");
+const script = html.slice(html.indexOf("<script>") + 8, html.lastIndexOf("</script>"));
+const innerHTML = [];
+class El {
+  constructor(tag) { this.tagName = tag.toUpperCase(); this.children = []; this.own = ""; this.className = "";
+                     this.dataset = {}; this.title = ""; this.parent = null; this.scrollTop = 0; this.scrollHeight = 0; }
+  append(...items) { for (const x of items) { const c = typeof x === "string" ? Object.assign(new El("#text"), {own: x}) : x;
+                                              c.parent = this; this.children.push(c); } }
+  replaceChildren(...items) { this.children = []; this.own = ""; this.append(...items); }
+  remove() { if (this.parent) this.parent.children = this.parent.children.filter((c) => c !== this); }
+  get textContent() { return this.own + this.children.map((c) => c.textContent).join(""); }
+  set textContent(v) { this.children = []; this.own = String(v); }
+  set innerHTML(v) { innerHTML.push(String(v)); this.children = []; this.own = ""; }
+  addEventListener() {} focus() {} requestSubmit() {}
+  all(pred, out = []) { for (const c of this.children) { if (pred(c)) out.push(c); c.all(pred, out); } return out; }
+  querySelectorAll(sel) { const [tag, ...cls] = sel.split(".");
+    return this.all((e) => (!tag || e.tagName === tag.toUpperCase()) && cls.every((k) => e.className.split(" ").includes(k))); }
+  querySelector(sel) { return this.querySelectorAll(sel)[0] || null; }
+}
+const ids = {};
+const document = { body: new El("body"), title: "", createElement: (t) => new El(t),
+                   getElementById: (id) => ids[id] || (ids[id] = Object.assign(new El("div"), {id})) };
+const context = vm.createContext({ document, console, TextDecoder, TextEncoder, AbortController, JSON, Promise,
+  sessionStorage: { getItem: () => null, setItem() {} }, fetch: () => new Promise(() => {}), prompt: () => null });
+vm.runInContext(script, context);
+const view = (div) => div.querySelectorAll("details").map((d) => ({
+  cls: d.className, id: d.dataset.id, summary: d.querySelector("summary").textContent,
+  body: d.querySelector("div.source-text").textContent, bold: d.className.split(" ").includes("cited") }));
+const warn = (div) => div.querySelectorAll("li").map((li) => li.textContent);
+const events = JSON.parse(fs.readFileSync(process.argv[3], "utf8"));
+(async () => {
+  const div = vm.runInContext("bubble('assistant', '', 'm')", context);
+  const sse = events.map((e) => "data: " + (typeof e === "string" ? e : JSON.stringify(e)) + "\n\n").join("");
+  const bytes = new TextEncoder().encode(sse);
+  let sent = false;
+  const res = { body: { getReader: () => ({ read: async () => {
+    if (sent) return { done: true }; sent = true; return { value: bytes, done: false }; } }) } };
+  const seen = [];
+  context.res = res; context.div = div; context.record = (s, u) => { seen.push({ details: view(div), warn: warn(div) }); };
+  let text = "";
+  context.onText = (t) => { text += t; };
+  const finish = await vm.runInContext(
+    "streamAnswer(res, onText, (s, u) => { showSources(div, s, u); record(); })", context);
+  console.log(JSON.stringify({ finish, text, seen, innerHTML, boxes: div.querySelectorAll("div.sources").length,
+    title: (div.querySelector("div.sources-title") || {}).textContent || null }));
+})().catch((e) => { console.error(e); process.exit(1); });
+"""
+
+
+def run_page(events, tmp_path) -> dict:
+    from kolora.serve import PAGE
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    (tmp_path / "harness.js").write_text(PAGE_HARNESS, encoding="utf-8")
+    (tmp_path / "events.json").write_text(json.dumps(events, ensure_ascii=False), encoding="utf-8")
+    r = subprocess.run([node, str(tmp_path / "harness.js"), str(PAGE), str(tmp_path / "events.json")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_page_shows_sources_as_details_and_escapes_them(tmp_path):
+    """The page's own stream parser and source view: the first chunk's sources at once, replaced by
+    the final chunk's (cited ✔ and bold, unsupported claims in the warning list); corpus and model
+    text go in as text, never as HTML."""
+    evil = '<img src=x onerror="alert(1)">'
+    src = [{"id": "주택임대차보호법 제4조", "header": TERM, "score": 1.27, "text": "① 기간을 …\n② " + evil, "cited": False},
+           {"id": "주택임대차보호법 제3조", "header": "주택임대차보호법 제3조(대항력 등)" + evil, "score": 0.15,
+            "text": "① 임대차는 …", "cited": False}]
+    chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "제4조에 따라 "},
+                                                             "finish_reason": None}]}
+    events = [{**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+               "sources": src},
+              chunk, {**chunk, "choices": [{"index": 0, "delta": {"content": evil}, "finish_reason": None}]},
+              {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+               "sources": [{**src[0], "cited": True}, src[1]], "unsupported": ["citation 주택임대차보호법 제9조: " + evil]},
+              {"object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 1}}, "[DONE]"]
+    out = run_page(events, tmp_path)
+    assert out["finish"] == "stop" and out["text"] == "제4조에 따라 " + evil
+    first, last = out["seen"]
+    assert [d["summary"] for d in first["details"]] == [TERM, src[1]["header"]] and not first["warn"]
+    assert not any(d["bold"] for d in first["details"])
+    assert last["details"][0] == {"cls": "source cited", "id": src[0]["id"], "summary": "✔ " + TERM,
+                                  "body": src[0]["text"], "bold": True}
+    assert last["details"][1]["summary"] == src[1]["header"] and not last["details"][1]["bold"]
+    assert len(last["warn"]) == 1 and last["warn"][0].endswith("제9조: " + evil) and "⚠" in last["warn"][0]
+    assert out["innerHTML"] == [], "text must never go through innerHTML"
+    assert "근거" in out["title"]
+    from kolora.serve import PAGE
+
+    html = PAGE.read_text(encoding="utf-8")
+    assert "innerHTML" not in html and "insertAdjacentHTML" not in html and "outerHTML" not in html
+    assert ".source.cited summary { font-weight: 700" in html and ".unsupported" in html
+
+
+def test_page_says_when_nothing_was_found_and_shows_nothing_ungrounded(tmp_path):
+    base = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "답"},
+                                                            "finish_reason": None}]}
+    out = run_page([{**base, "sources": []}, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                                              "sources": [], "unsupported": []}, "[DONE]"], tmp_path)
+    assert out["seen"][-1] == {"details": [], "warn": []}
+    assert "검색된 조문 없음" in out["title"]
+    assert out["boxes"] == 1
+    out = run_page([base, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, "[DONE]"], tmp_path)
+    assert out["text"] == "답" and out["seen"] == [] and out["boxes"] == 0  # ungrounded: no sources box at all
