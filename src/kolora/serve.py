@@ -4,7 +4,7 @@
     GET  /v1/models             the run, as the only model
     POST /v1/chat/completions   OpenAI chat completions, `stream: true` as server-sent events
 
-Prompts go through `kolora.prompt.encode_prompt` and generation through `kolora.chat`, so the
+Prompts go through `kolora.prompt.encode_prompt` and generation through `kolora.generation`, so the
 server answers exactly like `kolora chat` (greedy by default). One model, one generation at a
 time (a lock: on a CPU, parallel generations only slow each other down); at most --max-queue
 requests wait for it, more get 429 with Retry-After, and a client that disconnects (streaming or
