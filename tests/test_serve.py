@@ -150,7 +150,7 @@ def test_history_and_system_prompt_reach_the_prompt(loaded, monkeypatch):
     from kolora.prompt import encode_prompt
 
     fake = FakeGeneration(loaded.tokenizer, steps=2, delay=0)
-    monkeypatch.setattr("kolora.chat.generate_details", fake)
+    monkeypatch.setattr("kolora.serve.generate_details", fake)
     messages = [
         {"role": "system", "content": "간단히 답하세요."},
         {"role": "user", "content": "전세권이란?"},
@@ -275,7 +275,7 @@ def test_two_concurrent_requests_are_both_answered(client, server):
 @pytest.fixture(scope="module")
 def loaded(tiny_run):
     """The tiny run loaded in this process, for in-process servers (`live`)."""
-    from kolora.chat import GenConfig
+    from kolora.generation import GenConfig
     from kolora.runs import open_run
     from kolora.serve import load_state
 
@@ -311,7 +311,7 @@ def live(base, **settings):
 
 
 class FakeGeneration:
-    """Stands in for kolora.chat.generate_details: streams `steps` copies of a short piece, `delay`
+    """Stands in for kolora.serve.generate_details: streams `steps` copies of a short piece, `delay`
     seconds apart, through the server's streamer as model.generate does. Records the prompt ids,
     and how each generation ended (finished, or the exception that cut it, with the step)."""
 
@@ -323,7 +323,7 @@ class FakeGeneration:
     def __call__(self, model, tokenizer, prompts, gen, streamer=None):
         import torch
 
-        from kolora.chat import Generation
+        from kolora.generation import Generation
 
         self.prompts.append(list(prompts[0]))
         step = 0
@@ -352,7 +352,7 @@ def chat_body(**kwargs):
 
 def test_non_streaming_client_that_disconnects_cancels_generation(loaded, monkeypatch):
     fake = FakeGeneration(loaded.tokenizer, steps=400, delay=0.025)  # 10 s unless cancelled
-    monkeypatch.setattr("kolora.chat.generate_details", fake)
+    monkeypatch.setattr("kolora.serve.generate_details", fake)
     with live(loaded) as srv:
         started = time.time()
         with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
@@ -368,7 +368,7 @@ def test_non_streaming_client_that_disconnects_cancels_generation(loaded, monkey
 
 def test_queue_is_bounded_with_429(loaded, monkeypatch):
     fake = FakeGeneration(loaded.tokenizer, steps=400, delay=0.025)
-    monkeypatch.setattr("kolora.chat.generate_details", fake)
+    monkeypatch.setattr("kolora.serve.generate_details", fake)
     url = "/v1/chat/completions"
     with live(loaded, max_queue=1) as srv, httpx.Client(base_url=srv.url, timeout=10) as http:
         with http.stream("POST", url, json=chat_body(stream=True, max_tokens=CAP)) as running, \
@@ -402,7 +402,7 @@ def test_max_queue_flag():
 
 
 def test_foreign_host_origin_and_content_type_are_refused(loaded, monkeypatch):
-    monkeypatch.setattr("kolora.chat.generate_details", FakeGeneration(loaded.tokenizer, steps=2, delay=0))
+    monkeypatch.setattr("kolora.serve.generate_details", FakeGeneration(loaded.tokenizer, steps=2, delay=0))
     with live(loaded) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
         url, port = "/v1/chat/completions", srv.port
         # DNS rebinding: a foreign name pointing at 127.0.0.1 reads nothing
@@ -436,7 +436,7 @@ def test_foreign_host_origin_and_content_type_are_refused(loaded, monkeypatch):
 
 
 def test_allow_origin_lets_a_named_page_in(loaded, monkeypatch):
-    monkeypatch.setattr("kolora.chat.generate_details", FakeGeneration(loaded.tokenizer, steps=2, delay=0))
+    monkeypatch.setattr("kolora.serve.generate_details", FakeGeneration(loaded.tokenizer, steps=2, delay=0))
     with live(loaded, allow_origins=("http://app.test:3000", "https://b.test")) as srv, \
             httpx.Client(base_url=srv.url, timeout=30) as http:
         url = "/v1/chat/completions"
@@ -458,6 +458,220 @@ def test_allow_origin_flag_is_split_on_commas():
         ("http://a.test:3000", "https://b.test", "https://c.test")
     with pytest.raises(Exception, match="allow-origin"):
         parse_origins(["a.test"])
+
+
+# --------------------------------------------------------------------------- grounded answers
+STATUTE = """# 주택임대차보호법
+
+제3조(대항력 등) ① 임대차는 그 등기가 없는 경우에도 임차인이 주택의 인도와 주민등록을 마친 때에는 그 다음 날부터 제삼자에 대하여 효력이 생긴다.
+
+제4조(임대차기간 등) ① 기간을 정하지 아니하거나 2년 미만으로 정한 임대차는 그 기간을 2년으로 본다. 다만, 임차인은 2년 미만으로 정한 기간이 유효함을 주장할 수 있다.
+② 임대차기간이 끝난 경우에도 임차인이 보증금을 반환받을 때까지는 임대차관계가 존속되는 것으로 본다.
+
+제8조(보증금 중 일정액의 보호) ① 임차인은 보증금 중 일정액을 다른 담보물권자보다 우선하여 변제받을 권리가 있다.
+"""
+GROUNDED_Q = "주택 임대차의 존속기간은 몇 년인가요?"
+TERM = "주택임대차보호법 제4조(임대차기간 등)"  # what retrieval finds first for GROUNDED_Q
+# cites 제4조 (which says 2년), an article the corpus lacks, and a number no cited article states
+CITING = "주택임대차보호법 제4조 제1항에 따라 2년입니다. 제9조에 따르면 3년입니다."
+
+
+@pytest.fixture(scope="module")
+def grounded_run(tiny_models, small_csv, tmp_path_factory):
+    """A run trained with retrieval.corpus on a three-article statute: it has <run>/index/."""
+    root = tmp_path_factory.mktemp("grounded")
+    statute = root / "주택임대차보호법.md"
+    statute.write_text(STATUTE, encoding="utf-8")
+    run = root / "tiny-grounded"
+    r = run_cli("train", "--model", str(tiny_models["llama"]), "--data", str(small_csv), "--out", str(run),
+                "--max-steps", "2", "--train.batch_size", "4", "--train.grad_accum", "1", "--train.eval_every", "2",
+                "--train.save_every", "2", "--train.tensorboard", "false", "--train.health_check", "0",
+                "--lora.r", "4", "--lora.alpha", "8", "--data.max_length", "512",
+                "--retrieval.corpus", str(statute), "--retrieval.k", "2", "--retrieval.context_tokens", "64")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run / "index").is_dir()
+    return run
+
+
+@pytest.fixture(scope="module")
+def grounded(grounded_run):
+    from kolora.generation import GenConfig
+    from kolora.runs import open_run
+    from kolora.serve import load_state
+
+    state = load_state(open_run(str(grounded_run)), GenConfig(max_new_tokens=DEFAULT_TOKENS), CAP)
+    assert state.grounding is not None
+    return state
+
+
+def post(srv, question=GROUNDED_Q, **kwargs):
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": question}],
+                                                           **kwargs}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def decoded(state, prompt) -> str:
+    return state.tokenizer.decode(prompt, skip_special_tokens=True)
+
+
+def test_grounded_reply_names_its_sources_and_what_it_cites(grounded, monkeypatch):
+    """The passages go into the prompt exactly as `kolora chat` puts them there; the reply lists
+    them, marks the one the answer cites, and names what the citation check could not find."""
+    from kolora.data import Example
+    from kolora.prompt import CONTEXT_MARK, encode_prompt
+
+    fake = FakeGeneration(grounded.tokenizer, steps=1, delay=0, piece=CITING)
+    monkeypatch.setattr("kolora.serve.generate_details", fake)
+    with live(grounded) as srv:
+        body = post(srv)
+    assert body["choices"][0]["message"]["content"] == CITING
+    sources = body["sources"]
+    assert [s["header"] for s in sources][0] == TERM and len(sources) == 2  # retrieval.k 2
+    assert all(set(s) == {"id", "header", "score", "text", "cited"} for s in sources)
+    top = sources[0]
+    assert top["id"] == "주택임대차보호법 제4조" and top["cited"] is True and top["score"] > 0
+    assert top["text"].startswith("① 기간을 정하지 아니하거나 2년 미만으로") and "② 임대차기간이 끝난" in top["text"]
+    assert [s["cited"] for s in sources[1:]] == [False]
+    assert any("제9조" in claim and "no such article" in claim for claim in body["unsupported"])
+    assert any("3년" in claim for claim in body["unsupported"])
+    assert not any("2년" in claim for claim in body["unsupported"])  # 제4조 says 2년
+
+    [prompt] = fake.prompts
+    text = decoded(grounded, prompt)
+    assert CONTEXT_MARK in text and f"[{TERM}]" in text and "기간을 정하지" in text
+    assert text.index(TERM) < text.index(GROUNDED_Q)  # the passages come before the question
+    # exactly chat's prompt: the same retrieval, context budget and template
+    [ex], _ = grounded.grounding.ground([Example(GROUNDED_Q, "")], grounded.tokenizer)
+    cfg = grounded.cfg.data
+    assert prompt == encode_prompt(grounded.tokenizer, ex, cfg.system_prompt, cfg.template)
+    assert body["usage"]["prompt_tokens"] == len(prompt)
+
+
+def test_grounded_retrieval_uses_the_last_user_message(grounded, monkeypatch):
+    fake = FakeGeneration(grounded.tokenizer, steps=2, delay=0)
+    monkeypatch.setattr("kolora.serve.generate_details", fake)
+    messages = [{"role": "user", "content": "보증금 중 일정액은 우선 변제받나요?"},
+                {"role": "assistant", "content": "네."},
+                {"role": "user", "content": GROUNDED_Q}]
+    with live(grounded) as srv:
+        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": messages}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["sources"][0]["header"] == TERM
+    assert "보증금 중 일정액의 보호" not in decoded(grounded, fake.prompts[0])
+
+
+def test_no_retrieval_answers_ungrounded(grounded, monkeypatch):
+    """--no-retrieval: no passages in the prompt, no `sources` in the reply (an ungrounded run's reply)."""
+    from kolora.data import Example
+    from kolora.prompt import CONTEXT_MARK, encode_prompt
+
+    fake = FakeGeneration(grounded.tokenizer, steps=2, delay=0)
+    monkeypatch.setattr("kolora.serve.generate_details", fake)
+    with live(grounded, grounding=None) as srv:
+        body = post(srv)
+        models = httpx.get(srv.url + "/v1/models", timeout=10).json()
+    assert body["choices"][0]["message"]["content"]
+    assert "sources" not in body and "unsupported" not in body
+    assert models["data"][0]["grounded"] is False
+    [prompt] = fake.prompts
+    assert CONTEXT_MARK not in decoded(grounded, prompt) and "기간을 정하지" not in decoded(grounded, prompt)
+    cfg = grounded.cfg.data
+    assert prompt == encode_prompt(grounded.tokenizer, Example(GROUNDED_Q, ""), cfg.system_prompt, cfg.template)
+
+
+def test_no_retrieval_flag_reaches_the_state(grounded_run, monkeypatch):
+    """`kolora serve RUN --no-retrieval` loads no index; without the flag a grounded run loads its own."""
+    from kolora import serve as serve_module
+    from kolora.cli import build_parser
+
+    started = []
+    monkeypatch.setattr(serve_module, "serve", lambda state, host, port: started.append(state))
+    for flags, grounded_ in (([], True), (["--no-retrieval"], False)):
+        args = build_parser().parse_args(["serve", str(grounded_run), "--port", str(free_port()), *flags])
+        assert serve_module.run(args) == 0
+        assert (started[-1].grounding is not None) is grounded_, flags
+    assert "--no-retrieval" in run_cli("serve", "--help").stdout
+
+
+def test_a_question_retrieval_cannot_place_is_still_answered(grounded, monkeypatch):
+    from kolora.grounding import NO_SOURCES
+
+    fake = FakeGeneration(grounded.tokenizer, steps=2, delay=0)
+    monkeypatch.setattr("kolora.serve.generate_details", fake)
+    assert grounded.grounding.retrieve("hello there?") == []
+    with live(grounded) as srv:
+        body = post(srv, "hello there?")
+        streamed = sse_events(srv, "hello there?")
+    assert body["choices"][0]["message"]["content"]
+    assert body["sources"] == [] and body["unsupported"] == []
+    assert NO_SOURCES in decoded(grounded, fake.prompts[0])  # the prompt says so, as in training
+    assert streamed[0]["sources"] == [] and streamed[-1]["sources"] == []
+
+
+def sse_events(srv, question=GROUNDED_Q, **kwargs) -> list[dict]:
+    """The JSON events of a streamed reply, checking that it ends with [DONE]."""
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=60,
+                      json={"messages": [{"role": "user", "content": question}], "stream": True, **kwargs}) as r:
+        assert r.status_code == 200
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_streaming_sends_sources_first_and_checked_last(grounded, monkeypatch):
+    """First chunk: the sources (nothing cited yet). The finish_reason chunk: the sources with `cited`,
+    and `unsupported`. The usage chunk (include_usage) stays OpenAI's."""
+    fake = FakeGeneration(grounded.tokenizer, steps=1, delay=0, piece=CITING)
+    monkeypatch.setattr("kolora.serve.generate_details", fake)
+    with live(grounded) as srv:
+        events = sse_events(srv, stream_options={"include_usage": True})
+    first, *middle, finish, usage = events
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+    assert [s["header"] for s in first["sources"]][0] == TERM
+    assert not any(s["cited"] for s in first["sources"]) and "unsupported" not in first
+    assert all("sources" not in e for e in middle)
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in middle) == CITING
+    assert finish["choices"][0]["finish_reason"] in ("stop", "length")
+    assert [s["cited"] for s in finish["sources"]] == [True, False]
+    assert [s["text"] for s in finish["sources"]] == [s["text"] for s in first["sources"]]
+    assert any("제9조" in claim for claim in finish["unsupported"])
+    assert usage["choices"] == [] and "usage" in usage and "sources" not in usage
+
+
+def test_grounded_answers_like_kolora_chat_through_the_openai_client(grounded):
+    """The real tiny model, no fakes: the openai client reads the reply unchanged (the extra fields
+    ride along in model_extra), and the answer is `kolora chat`'s grounded answer."""
+    from kolora.data import Example
+    from kolora.generation import GenConfig, generate_batched
+
+    with live(grounded) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model=grounded.name,
+                                               messages=[{"role": "user", "content": GROUNDED_Q}])
+        chunks = list(client.chat.completions.create(model=grounded.name, stream=True,
+                                                     messages=[{"role": "user", "content": GROUNDED_Q}]))
+    assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+    assert reply.model_extra["sources"][0]["header"] == TERM
+    assert isinstance(reply.model_extra["unsupported"], list)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed.strip() == reply.choices[0].message.content
+    assert chunks[0].model_extra["sources"][0]["header"] == TERM
+
+    examples, _ = grounded.grounding.ground([Example(GROUNDED_Q, "")], grounded.tokenizer)
+    rows, _ = generate_batched(grounded.model, grounded.tokenizer, grounded.cfg, examples,
+                               GenConfig(max_new_tokens=DEFAULT_TOKENS))
+    assert reply.choices[0].message.content == rows[0].text
+
+
+def test_ungrounded_run_sends_no_sources(loaded, monkeypatch):
+    monkeypatch.setattr("kolora.serve.generate_details", FakeGeneration(loaded.tokenizer, steps=2, delay=0))
+    assert loaded.grounding is None
+    with live(loaded) as srv:
+        body = post(srv, QUESTION)
+        events = sse_events(srv, QUESTION)
+    assert "sources" not in body and "unsupported" not in body
+    assert not any("sources" in e or "unsupported" in e for e in events)
 
 
 # --------------------------------------------------------------------------- stop strings
@@ -640,3 +854,116 @@ def test_web_page_streams_an_answer_and_names_the_run(browser, client, server):
     browser.key("Enter", 13)
     browser.wait_for(f"{ASSISTANT}.length === 2 && {ASSISTANT}[1].dataset.state === 'done'", timeout=120)
     assert browser.js("document.querySelectorAll('.msg.error').length") == 0
+
+
+# The page's script run in Node with a minimal DOM (no browser needed): element trees built with
+# createElement / append / textContent, every innerHTML write recorded.
+PAGE_HARNESS = r"""
+const fs = require("fs"), vm = require("vm");
+const html = fs.readFileSync(process.argv[2], "utf8");
+const script = html.slice(html.indexOf("<script>") + 8, html.lastIndexOf("</script>"));
+const innerHTML = [];
+class El {
+  constructor(tag) { this.tagName = tag.toUpperCase(); this.children = []; this.own = ""; this.className = "";
+                     this.dataset = {}; this.title = ""; this.parent = null; this.scrollTop = 0; this.scrollHeight = 0; }
+  append(...items) { for (const x of items) { const c = typeof x === "string" ? Object.assign(new El("#text"), {own: x}) : x;
+                                              c.parent = this; this.children.push(c); } }
+  replaceChildren(...items) { this.children = []; this.own = ""; this.append(...items); }
+  remove() { if (this.parent) this.parent.children = this.parent.children.filter((c) => c !== this); }
+  get textContent() { return this.own + this.children.map((c) => c.textContent).join(""); }
+  set textContent(v) { this.children = []; this.own = String(v); }
+  set innerHTML(v) { innerHTML.push(String(v)); this.children = []; this.own = ""; }
+  addEventListener() {} focus() {} requestSubmit() {}
+  all(pred, out = []) { for (const c of this.children) { if (pred(c)) out.push(c); c.all(pred, out); } return out; }
+  querySelectorAll(sel) { const [tag, ...cls] = sel.split(".");
+    return this.all((e) => (!tag || e.tagName === tag.toUpperCase()) && cls.every((k) => e.className.split(" ").includes(k))); }
+  querySelector(sel) { return this.querySelectorAll(sel)[0] || null; }
+}
+const ids = {};
+const document = { body: new El("body"), title: "", createElement: (t) => new El(t),
+                   getElementById: (id) => ids[id] || (ids[id] = Object.assign(new El("div"), {id})) };
+const context = vm.createContext({ document, console, TextDecoder, TextEncoder, AbortController, JSON, Promise,
+  sessionStorage: { getItem: () => null, setItem() {} }, fetch: () => new Promise(() => {}), prompt: () => null });
+vm.runInContext(script, context);
+const view = (div) => div.querySelectorAll("details").map((d) => ({
+  cls: d.className, id: d.dataset.id, summary: d.querySelector("summary").textContent,
+  body: d.querySelector("div.source-text").textContent, bold: d.className.split(" ").includes("cited") }));
+const warn = (div) => div.querySelectorAll("li").map((li) => li.textContent);
+const events = JSON.parse(fs.readFileSync(process.argv[3], "utf8"));
+(async () => {
+  const div = vm.runInContext("bubble('assistant', '', 'm')", context);
+  const sse = events.map((e) => "data: " + (typeof e === "string" ? e : JSON.stringify(e)) + "\n\n").join("");
+  const bytes = new TextEncoder().encode(sse);
+  let sent = false;
+  const res = { body: { getReader: () => ({ read: async () => {
+    if (sent) return { done: true }; sent = true; return { value: bytes, done: false }; } }) } };
+  const seen = [];
+  context.res = res; context.div = div; context.record = (s, u) => { seen.push({ details: view(div), warn: warn(div) }); };
+  let text = "";
+  context.onText = (t) => { text += t; };
+  const finish = await vm.runInContext(
+    "streamAnswer(res, onText, (s, u) => { showSources(div, s, u); record(); })", context);
+  console.log(JSON.stringify({ finish, text, seen, innerHTML, boxes: div.querySelectorAll("div.sources").length,
+    title: (div.querySelector("div.sources-title") || {}).textContent || null }));
+})().catch((e) => { console.error(e); process.exit(1); });
+"""
+
+
+def run_page(events, tmp_path) -> dict:
+    from kolora.serve import PAGE
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    (tmp_path / "harness.js").write_text(PAGE_HARNESS, encoding="utf-8")
+    (tmp_path / "events.json").write_text(json.dumps(events, ensure_ascii=False), encoding="utf-8")
+    r = subprocess.run([node, str(tmp_path / "harness.js"), str(PAGE), str(tmp_path / "events.json")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_page_shows_sources_as_details_and_escapes_them(tmp_path):
+    """The page's own stream parser and source view: the first chunk's sources at once, replaced by
+    the final chunk's (cited ✔ and bold, unsupported claims in the warning list); corpus and model
+    text go in as text, never as HTML."""
+    evil = '<img src=x onerror="alert(1)">'
+    src = [{"id": "주택임대차보호법 제4조", "header": TERM, "score": 1.27, "text": "① 기간을 …\n② " + evil, "cited": False},
+           {"id": "주택임대차보호법 제3조", "header": "주택임대차보호법 제3조(대항력 등)" + evil, "score": 0.15,
+            "text": "① 임대차는 …", "cited": False}]
+    chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "제4조에 따라 "},
+                                                             "finish_reason": None}]}
+    events = [{**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+               "sources": src},
+              chunk, {**chunk, "choices": [{"index": 0, "delta": {"content": evil}, "finish_reason": None}]},
+              {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+               "sources": [{**src[0], "cited": True}, src[1]], "unsupported": ["citation 주택임대차보호법 제9조: " + evil]},
+              {"object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 1}}, "[DONE]"]
+    out = run_page(events, tmp_path)
+    assert out["finish"] == "stop" and out["text"] == "제4조에 따라 " + evil
+    first, last = out["seen"]
+    assert [d["summary"] for d in first["details"]] == [TERM, src[1]["header"]] and not first["warn"]
+    assert not any(d["bold"] for d in first["details"])
+    assert last["details"][0] == {"cls": "source cited", "id": src[0]["id"], "summary": "✔ " + TERM,
+                                  "body": src[0]["text"], "bold": True}
+    assert last["details"][1]["summary"] == src[1]["header"] and not last["details"][1]["bold"]
+    assert len(last["warn"]) == 1 and last["warn"][0].endswith("제9조: " + evil) and "⚠" in last["warn"][0]
+    assert out["innerHTML"] == [], "text must never go through innerHTML"
+    assert "근거" in out["title"]
+    from kolora.serve import PAGE
+
+    html = PAGE.read_text(encoding="utf-8")
+    assert "innerHTML" not in html and "insertAdjacentHTML" not in html and "outerHTML" not in html
+    assert ".source.cited summary { font-weight: 700" in html and ".unsupported" in html
+
+
+def test_page_says_when_nothing_was_found_and_shows_nothing_ungrounded(tmp_path):
+    base = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "답"},
+                                                            "finish_reason": None}]}
+    out = run_page([{**base, "sources": []}, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                                              "sources": [], "unsupported": []}, "[DONE]"], tmp_path)
+    assert out["seen"][-1] == {"details": [], "warn": []}
+    assert "검색된 조문 없음" in out["title"]
+    assert out["boxes"] == 1
+    out = run_page([base, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, "[DONE]"], tmp_path)
+    assert out["text"] == "답" and out["seen"] == [] and out["boxes"] == 0  # ungrounded: no sources box at all

@@ -4,7 +4,7 @@
     GET  /v1/models             the run, as the only model
     POST /v1/chat/completions   OpenAI chat completions, `stream: true` as server-sent events
 
-Prompts go through `kolora.prompt.encode_prompt` and generation through `kolora.chat`, so the
+Prompts go through `kolora.prompt.encode_prompt` and generation through `kolora.generation`, so the
 server answers exactly like `kolora chat` (greedy by default). One model, one generation at a
 time (a lock: on a CPU, parallel generations only slow each other down); at most --max-queue
 requests wait for it, more get 429 with Retry-After, and a client that disconnects (streaming or
@@ -13,6 +13,22 @@ strings are bounded; requests must name this server in `Host` (no DNS rebinding)
 own page or an --allow-origin (`Origin`); POST bodies must be application/json (no form or
 text/plain posts from other sites); optional bearer key (--api-key or KOLORA_API_KEY), compared in
 constant time. Bad requests get a 4xx with an OpenAI-style error body.
+
+Grounded answers: a run trained with `retrieval.corpus` answers from its saved index (`<run>/index/`,
+loaded once at start; --no-retrieval answers without it). The last user message is the question:
+its passages go into the prompt as in `kolora chat`, and the reply names them beside OpenAI's fields
+(clients that don't know them, like the openai package, ignore them):
+
+    "sources": [{"id", "header", "score", "text", "cited"}, …]   retrieved passages, best first; [] when
+                                                                 retrieval found nothing; `cited`: the
+                                                                 answer cites that article
+    "unsupported": ["citation 민법 제999조: no such article", …]  what the citation check could not find
+
+Non-streaming: both at the top level of the chat.completion object. Streaming: `sources` in the
+first chunk (every `cited` false: nothing is written yet), then `sources` (with `cited`) and
+`unsupported` again in the chunk that carries `finish_reason` (the last chunk before `[DONE]`, or
+before the usage chunk with stream_options.include_usage). An ungrounded run (or --no-retrieval)
+sends neither field.
 """
 
 
@@ -31,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from . import grounding
 from .errors import KoloraError
 from .generation import add_gen_flags, gen_config, generate_details, load_tuned
 from .runs import open_run
@@ -65,6 +82,9 @@ def add_arguments(p) -> None:
                         "comma-separated; * = any), with CORS headers for them. By default only this server's own "
                         "chat page may call the API (other `Origin`s get 403), and only requests whose `Host` is "
                         "the bound address, localhost, 127.0.0.1 or [::1] with --port are answered")
+    p.add_argument("--no-retrieval", action="store_true",
+                   help="a grounded run (trained with retrieval.corpus) answers without retrieved passages, and "
+                        "replies carry no `sources`")
     add_gen_flags(p)  # defaults for requests that don't set them (max_tokens, temperature, top_p)
 
 
@@ -79,7 +99,8 @@ def run(args) -> int:
     check_port_free(args.host, args.port)
     run_dir = open_run(args.run)
     state = load_state(run_dir, gen_config(args), args.max_tokens_cap, args.max_body_bytes, args.api_key,
-                       host=args.host, port=args.port, allow_origins=origins, max_queue=args.max_queue)
+                       host=args.host, port=args.port, allow_origins=origins, max_queue=args.max_queue,
+                       retrieval=not args.no_retrieval)
     serve(state, args.host, args.port)
     return 0
 
@@ -102,17 +123,26 @@ class State:
     port: int | None = None  # the bound port (None: any, for in-process use)
     allow_origins: tuple = ()  # normalized origins (parse_origins) whose pages may call the API
     max_queue: int = MAX_QUEUE
+    grounding: object = None  # grounding.Grounding of a run trained with retrieval.corpus; None: ungrounded
+    ground_lock: threading.Lock = field(default_factory=threading.Lock)  # one retrieval or check at a time
 
 
 def load_state(run_dir, defaults, max_tokens_cap=MAX_TOKENS_CAP, max_body_bytes=MAX_BODY_BYTES, api_key=None,
-               **settings) -> State:
-    """`settings`: State's host, port, allow_origins, max_queue."""
+               retrieval: bool = True, **settings) -> State:
+    """`settings`: State's host, port, allow_origins, max_queue. `retrieval`: load the run's index
+    (a grounded run); False answers ungrounded."""
     print(f"[kolora] loading {run_dir.path} …", file=sys.stderr, flush=True)
     model, tokenizer, cfg = load_tuned(run_dir)
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    g = grounding.load(run_dir.path, cfg) if retrieval else None
+    if g is not None:
+        g.retrieve("주택 임대차")  # loads the retrieval tokenizer (Kiwi: ~2 s) now, not in the first request
+        print(f"[kolora] grounded: {len(g.index.passages)} passages, {g.k} per question", file=sys.stderr, flush=True)
+    elif grounding.corpus_paths(cfg):
+        print("[kolora] --no-retrieval: answering without the run's passages", file=sys.stderr, flush=True)
     return State(run_dir.path.resolve().name, model, tokenizer, cfg, defaults, max_tokens_cap, max_body_bytes,
-                 api_key or None, context, **settings)
+                 api_key or None, context, grounding=g, **settings)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -534,6 +564,7 @@ def create_app(state: State):
         Response,
         StreamingResponse,
     )
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from .prompt import encode_prompt
@@ -620,12 +651,15 @@ def create_app(state: State):
         authorize(request)
         require_json(request)
         ex, gen, stop, stream, include_usage = parse_request(await read_body(request), state)
+        hits = None  # None: ungrounded (no `sources` in the reply); []: retrieval found nothing
+        if state.grounding is not None:
+            ex, hits = await run_in_threadpool(ground, state, ex)
         prompt = encode_prompt(state.tokenizer, ex, state.cfg.data.system_prompt, state.cfg.data.template)
         if state.context and len(prompt) + gen.max_new_tokens > state.context:
             raise ApiError(400, f"the prompt has {len(prompt)} tokens; with max_tokens {gen.max_new_tokens} it "
                                 f"exceeds the model's context of {state.context}", param="messages",
                            code="context_length_exceeded")
-        reply = Reply(state.name, len(prompt))
+        reply = Reply(state.name, len(prompt), Sources(state, ex.question, hits) if hits is not None else None)
         release = admit()
         try:
             job = Job(state, prompt, gen, stop, on_done=release)
@@ -641,6 +675,8 @@ def create_app(state: State):
             return Response(status_code=499)  # nobody reads it: the connection is gone
         if job.error is not None:
             raise ApiError(500, f"generation failed: {type(job.error).__name__}: {job.error}", kind="server_error")
+        if reply.sources is not None:
+            await run_in_threadpool(reply.sources.check, text)
         return reply.completion(text, job.finish_reason, job.completion_tokens)
 
     if state.allow_origins:  # pages at these origins need CORS headers (and preflights) to call the API
@@ -654,13 +690,45 @@ def create_app(state: State):
 
 def model_card(state: State) -> dict:
     return {"id": state.name, "object": "model", "created": state.created, "owned_by": "kolora",
-            "base_model": state.cfg.model.name, "max_tokens_cap": state.max_tokens_cap}
+            "base_model": state.cfg.model.name, "max_tokens_cap": state.max_tokens_cap,
+            "grounded": state.grounding is not None}
+
+
+# --------------------------------------------------------------------------- grounding
+def ground(state: State, ex):
+    """The example with its retrieved passages as context (the prompt `kolora chat` builds), and the
+    hits. Retrieval is serialised: the Kiwi tokenizer is one instance per process."""
+    with state.ground_lock:
+        [ex], [hits] = state.grounding.ground([ex], state.tokenizer)
+    return ex, hits
+
+
+@dataclass
+class Sources:
+    """The passages one answer was grounded in and, once the answer is written, which of them it cites
+    and what the citation check could not find (`kolora chat`'s sources lines, as JSON)."""
+    state: State
+    question: str
+    hits: list
+    cited: set = field(default_factory=set)
+    unsupported: list = field(default_factory=list)
+
+    def check(self, answer: str) -> None:
+        with self.state.ground_lock:
+            report = self.state.grounding.check(answer, self.question, [])
+        self.cited = {c.passage_id for c in report.citations if c.passage_id}
+        self.unsupported = list(report.unsupported)
+
+    def to_json(self) -> list[dict]:
+        return [{"id": h.passage.id, "header": h.passage.header, "score": round(float(h.score), 4),
+                 "text": h.passage.text, "cited": h.passage.id in self.cited} for h in self.hits]
 
 
 @dataclass
 class Reply:
     model: str
     prompt_tokens: int
+    sources: Sources | None = None  # None: an ungrounded answer, no `sources` field
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -668,30 +736,46 @@ class Reply:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}
 
+    def grounded(self, checked: bool = True) -> dict:
+        """The fields beside OpenAI's: `sources` (and `unsupported` once the answer is checked)."""
+        if self.sources is None:
+            return {}
+        out = {"sources": self.sources.to_json()}
+        if checked:
+            out["unsupported"] = self.sources.unsupported
+        return out
+
     def completion(self, text: str, finish_reason: str, completion_tokens: int) -> dict:
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": finish_reason, "logprobs": None}],
-                "usage": self.usage(completion_tokens)}
+                "usage": self.usage(completion_tokens), **self.grounded()}
 
-    def chunk(self, delta: dict, finish_reason: str | None = None) -> str:
+    def chunk(self, delta: dict, finish_reason: str | None = None, extra: dict | None = None) -> str:
         body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+                **(extra or {})}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
 async def sse(job: Job, reply: Reply, include_usage: bool, request):
     """Server-sent events in OpenAI's chunk format. A client that disconnects cancels the generation
     (the streamer raises inside generate), so the lock is freed for the next request."""
+    from starlette.concurrency import run_in_threadpool
+
     try:
-        yield reply.chunk({"role": "assistant", "content": ""})
+        yield reply.chunk({"role": "assistant", "content": ""}, extra=reply.grounded(checked=False))
+        answer = []
         async for text in texts(job, request):
+            answer.append(text)
             yield reply.chunk({"content": text})
         if job.error is not None:
             err = ApiError(500, f"generation failed: {type(job.error).__name__}: {job.error}", kind="server_error")
             yield f"data: {json.dumps(err.body())}\n\n"
             return
-        yield reply.chunk({}, job.finish_reason)
+        if reply.sources is not None:
+            await run_in_threadpool(reply.sources.check, "".join(answer).strip())
+        yield reply.chunk({}, job.finish_reason, extra=reply.grounded())
         if include_usage:
             usage = {"id": reply.id, "object": "chat.completion.chunk", "created": reply.created,
                      "model": reply.model, "choices": [], "usage": reply.usage(job.completion_tokens)}
