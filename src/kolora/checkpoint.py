@@ -5,7 +5,7 @@
       optimizer.safetensors      AdamW moments, flattened; the rest of its state is JSON
       rng.safetensors            torch CPU (and CUDA) RNG of every process
       grads.safetensors          only when saved inside a gradient-accumulation window
-      trainer_state.json         step, micro-batch position, scheduler, best loss, …
+      trainer_state.json         step, micro-batch position, scheduler, fp16 grad scaler, best loss, …
       kolora-checkpoint.json     written last: format, fingerprints, every file's size + sha256
 
 A checkpoint is written into `.tmp-…`, fsynced, renamed, and the parent directory fsynced;
@@ -153,7 +153,7 @@ def _fsync(path: Path) -> None:
 
 
 def save(root: Path, step: int, *, adapter_model, optimizer, scheduler, state: dict, fingerprints: dict,
-         rng_by_rank: list[dict], grads: dict | None = None, fault=None) -> Path:
+         rng_by_rank: list[dict], grads: dict | None = None, fault=None, scaler=None) -> Path:
     """Write checkpoint `step` atomically. `fault` is the test hook that may kill us mid-save."""
     from safetensors.torch import save_file
 
@@ -173,6 +173,8 @@ def save(root: Path, step: int, *, adapter_model, optimizer, scheduler, state: d
         fault("in-save", step)
     trainer_state = {**state, "scheduler": scheduler.state_dict(), "optimizer": opt_meta,
                      "python_random": _json_random_state()}
+    if scaler is not None:  # fp16: the loss scale it has settled on (plain numbers: JSON, no pickle)
+        trainer_state["grad_scaler"] = scaler.state_dict()
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
              for f in sorted(tmp.rglob("*")) if f.is_file()}
@@ -254,8 +256,9 @@ def read_manifest(ckpt: Path) -> dict:
     return json.loads((ckpt / MANIFEST).read_text())
 
 
-def load(ckpt: Path, *, peft_model, optimizer, scheduler, rank: int) -> tuple[dict, dict | None]:
-    """Restore adapter, optimizer, scheduler and RNG; returns (trainer state, partial grads)."""
+def load(ckpt: Path, *, peft_model, optimizer, scheduler, rank: int, scaler=None) -> tuple[dict, dict | None]:
+    """Restore adapter, optimizer, scheduler, RNG and the fp16 grad scaler; returns (trainer
+    state, partial grads)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -275,6 +278,9 @@ def load(ckpt: Path, *, peft_model, optimizer, scheduler, rank: int) -> tuple[di
                           "resume with the model and LoRA config the run was started with")
     optimizer.load_state_dict(optimizer_from_tensors(load_file(ckpt / "optimizer.safetensors"), state.pop("optimizer")))
     scheduler.load_state_dict(state.pop("scheduler"))
+    scaler_state = state.pop("grad_scaler", None)
+    if scaler is not None and scaler_state:  # else it starts afresh (a checkpoint from before fp16 state was kept)
+        scaler.load_state_dict(scaler_state)
     set_rng_state(mine)
     py = state.pop("python_random", None)
     if py:

@@ -168,7 +168,7 @@ class Trainer:
                 state["best_checkpoint"] = name  # kept by pruning even when it is not among the newest
             ckpt.save(self.run.checkpoints, step, adapter_model=self.unwrapped.model, optimizer=self.optimizer,
                       scheduler=self.scheduler, state=state, fingerprints=self.fingerprints, rng_by_rank=rngs,
-                      grads=grads, fault=self.faults or None)
+                      grads=grads, fault=self.faults or None, scaler=getattr(acc, "scaler", None))
             ckpt.prune(self.run.checkpoints, self.cfg.train.keep_checkpoints, {state["best_checkpoint"]} - {None})
         acc.wait_for_everyone()
 
@@ -379,7 +379,8 @@ def resume_from_checkpoint(t: Trainer) -> None:
         return
     ckpt.compare_fingerprints(ckpt.read_manifest(latest)["fingerprints"], t.fingerprints, latest)
     loaded, t.partial_grads = ckpt.load(latest, peft_model=t.unwrapped.model, optimizer=t.optimizer,
-                                        scheduler=t.scheduler, rank=t.accelerator.process_index)
+                                        scheduler=t.scheduler, rank=t.accelerator.process_index,
+                                        scaler=getattr(t.accelerator, "scaler", None))
     t.state.update(loaded)
     dropped_events = truncate_metrics(t.run.metrics, t.state["step"]) if t.is_main else 0
     inside = (f", {t.state['window_pos']} of {t.cfg.train.grad_accum} micro-batches into the next step"
@@ -509,28 +510,60 @@ def apply_update(t: Trainer, step_loss: float, bar) -> tuple[float | None, bool]
     """Clip, then step the optimizer, unless the loss or the gradient norm is not finite:
     then the update is skipped (the schedule and data still move on), up to
     train.max_nonfinite_steps times. Returns (gradient norm, finite)."""
-    cfg, state = t.cfg, t.state
-    grad_norm = None
-    if cfg.train.max_grad_norm > 0:
-        grad_norm = float(t.accelerator.clip_grad_norm_(t.params, cfg.train.max_grad_norm))
-    finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(grad_norm))
-    if finite:
+    grad_norm = gradient_norm(t)
+    scaler = getattr(t.accelerator, "scaler", None)
+    overflow = False
+    if scaler is not None:
+        # fp16: the grad scaler decides. Its step skips an update with inf/NaN gradients and
+        # its update() lowers the scale; both must run every step, or the next unscale_()
+        # fails ("already been called") and the scale never adapts.
         t.optimizer.step()
+        skipped = bool(getattr(t.optimizer, "step_was_skipped", False))
+        finite = math.isfinite(step_loss) and not skipped
+        overflow = skipped and math.isfinite(step_loss)  # the scaler's business: it retries at a lower scale
     else:
-        state["skipped_steps"] += 1
-        t.log({"kind": "skip", "step": state["step"] + 1, "loss": step_loss, "grad_norm": grad_norm})
-        if state["skipped_steps"] > cfg.train.max_nonfinite_steps:
-            raise KoloraError(
-                f"loss {step_loss} / gradient norm {grad_norm} is not finite at step {state['step'] + 1} "
-                f"({state['skipped_steps']} non-finite steps, train.max_nonfinite_steps={cfg.train.max_nonfinite_steps})",
-                "lower train.lr, or use --train.mixed_precision no; the last checkpoint is intact "
-                f"(nothing after it was saved): resume with kolora train --resume {t.run.path}")
-        if t.is_main:
-            bar.write(f"step {state['step'] + 1}: loss {step_loss} / gradient norm {grad_norm} not finite: "
-                      f"step skipped ({state['skipped_steps']} of {cfg.train.max_nonfinite_steps} allowed)")
+        finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(grad_norm))
+        if finite:
+            t.optimizer.step()
+    if not finite:
+        skip_step(t, step_loss, grad_norm, bar, scaler.get_scale() if overflow else None)
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     return grad_norm, finite
+
+
+def gradient_norm(t: Trainer) -> float | None:
+    """The global gradient norm, clipped to train.max_grad_norm (None without clipping)."""
+    if t.cfg.train.max_grad_norm <= 0:
+        return None
+    norm = t.accelerator.clip_grad_norm_(t.params, t.cfg.train.max_grad_norm)
+    return None if norm is None else float(norm)  # DeepSpeed clips inside its engine
+
+
+def skip_step(t: Trainer, step_loss: float, grad_norm, bar, fp16_scale: float | None) -> None:
+    """Count and report a step without an update. An fp16 overflow (finite loss, the scaler
+    lowered its scale) is routine while the scale settles: counted, never fatal."""
+    cfg, state = t.cfg, t.state
+    state["skipped_steps"] += 1
+    step = state["step"] + 1
+    if fp16_scale is not None:
+        state["fp16_overflows"] = state.get("fp16_overflows", 0) + 1  # .get: checkpoints from before the key
+        t.log({"kind": "skip", "step": step, "loss": step_loss, "grad_norm": grad_norm, "fp16_overflow": True,
+               "loss_scale": fp16_scale})
+        if t.is_main:
+            bar.write(f"step {step}: fp16 gradient overflow: step skipped, loss scale lowered to {fp16_scale:g}")
+        return
+    t.log({"kind": "skip", "step": step, "loss": step_loss, "grad_norm": grad_norm})
+    nonfinite = state["skipped_steps"] - state.get("fp16_overflows", 0)
+    if nonfinite > cfg.train.max_nonfinite_steps:
+        raise KoloraError(
+            f"loss {step_loss} / gradient norm {grad_norm} is not finite at step {step} "
+            f"({nonfinite} non-finite steps, train.max_nonfinite_steps={cfg.train.max_nonfinite_steps})",
+            "lower train.lr, or use --train.mixed_precision no; the last checkpoint is intact "
+            f"(nothing after it was saved): resume with kolora train --resume {t.run.path}")
+    if t.is_main:
+        bar.write(f"step {step}: loss {step_loss} / gradient norm {grad_norm} not finite: "
+                  f"step skipped ({nonfinite} of {cfg.train.max_nonfinite_steps} allowed)")
 
 
 @dataclass
