@@ -135,3 +135,27 @@ def test_grad_scaler_state_is_saved_and_restored_with_the_checkpoint(tmp_path):
     loaded, _ = ckpt.load(tmp_path / "step-000003", peft_model=model, optimizer=opt, scheduler=sched, rank=0,
                           scaler=fresh)
     assert fresh.get_scale() == 96.0 and "grad_scaler" not in loaded
+
+
+# --------------------------------------------------------------------------- DeepSpeed
+def test_deepspeed_refuses_kolora_accumulation(monkeypatch, tmp_path):
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    class FakeAccelerator:
+        def __init__(self, **kwargs):
+            self.distributed_type = DistributedType.DEEPSPEED
+            self.is_main_process = True
+            self.device = "cpu"
+            self.num_processes = 2
+
+    monkeypatch.setattr(accelerate, "Accelerator", FakeAccelerator)
+    cfg = RunConfig()
+    cfg.train.output_dir, cfg.train.grad_accum, cfg.train.mixed_precision = str(tmp_path / "run"), 4, "no"
+    with pytest.raises(KoloraError) as e:
+        tr.setup_run(cfg, None, False, False, None)
+    line = e.value.one_line()
+    assert "DeepSpeed" in line and "grad_accum 4" in line and "gradient_accumulation_steps" in line
+    assert "\n" not in line
+    cfg.train.grad_accum = 1  # DeepSpeed's own accumulation, kolora's off: accepted
+    assert tr.setup_run(cfg, None, False, False, None).accelerator.distributed_type == DistributedType.DEEPSPEED

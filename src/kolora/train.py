@@ -211,11 +211,24 @@ def setup_run(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, st
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     accelerator = Accelerator(mixed_precision=precision.mixed, cpu=not use_cuda)
+    refuse_deepspeed_accumulation(cfg, accelerator)
     set_seed(cfg.train.seed)
     if not cfg.train.fact_weight > 0:
         raise KoloraError(f"train.fact_weight must be positive (got {cfg.train.fact_weight})",
                           "1 trains with the plain loss; 2-4 weights the facts' tokens more")
     return Trainer(cfg, run, resume, accelerator, precision, stop, faults, accelerator.is_main_process, use_cuda)
+
+
+def refuse_deepspeed_accumulation(cfg: RunConfig, accelerator) -> None:
+    """Under DeepSpeed, accelerate steps the engine on every micro-batch (its optimizer.step is a
+    no-op): kolora's accumulation window and its NaN/inf skip would silently not happen."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.train.grad_accum > 1:
+        raise KoloraError(f"train.grad_accum {cfg.train.grad_accum} does not work under DeepSpeed: its engine steps "
+                          "on every micro-batch, so kolora's gradient accumulation (and its NaN skip) would not apply",
+                          "set gradient_accumulation_steps in the DeepSpeed JSON and --train.grad_accum 1, "
+                          "or launch with DDP (accelerate launch --multi_gpu)")
 
 
 # --------------------------------------------------------------------------- 2. data
