@@ -103,6 +103,32 @@ def test_fp16_overflows_do_not_stop_the_run_but_nan_losses_do():
         tr.apply_update(t, float("nan") * backward(t, poison=True), Bar())
 
 
+def test_without_clipping_a_nan_gradient_is_still_caught():
+    t = stepper("no", max_grad_norm=0)
+    before = weights(t)
+    loss = backward(t)
+    t.params[0].grad[0, 0] = float("nan")  # a finite loss, a NaN gradient
+    norm, finite = tr.apply_update(t, loss, Bar())
+    assert not finite and norm is not None and math.isnan(norm)
+    assert all((a == b).all() for a, b in zip(before, weights(t)))
+    assert t.state["skipped_steps"] == 1
+
+
+def test_without_clipping_gradients_are_not_clipped():
+    import torch
+
+    t = stepper("no", max_grad_norm=0)
+    backward(t)
+    t.params[0].grad.mul_(1e3)  # far above any clipping norm
+    grads = [p.grad.clone() for p in t.params]
+    expected = float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
+    seen = {}
+    t.optimizer.step = lambda *a, **k: seen.setdefault("grads", [p.grad.clone() for p in t.params])
+    norm, finite = tr.apply_update(t, 1.0, Bar())
+    assert finite and norm == pytest.approx(expected, rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(grads, seen["grads"]))
+
+
 def test_grad_scaler_state_is_saved_and_restored_with_the_checkpoint(tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
@@ -159,3 +185,39 @@ def test_deepspeed_refuses_kolora_accumulation(monkeypatch, tmp_path):
     assert "\n" not in line
     cfg.train.grad_accum = 1  # DeepSpeed's own accumulation, kolora's off: accepted
     assert tr.setup_run(cfg, None, False, False, None).accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+# --------------------------------------------------------------------------- the best adapter
+def tiny_config(model: Path, data: Path, out: Path, **train) -> RunConfig:
+    cfg = RunConfig()
+    values = {"model.name": str(model), "data.path": str(data), "data.max_length": 512, "lora.r": 4, "lora.alpha": 8,
+              "train.output_dir": str(out), "train.batch_size": 4, "train.grad_accum": 1, "train.lr": 3e-3,
+              "train.eval_every": 1, "train.save_every": 0, "train.log_every": 1, "train.tensorboard": False,
+              "train.health_check": 0, "train.mixed_precision": "no", "train.compile": "false", **train}
+    for key, value in values.items():
+        cfg.set(key, value)
+    return cfg
+
+
+@pytest.mark.parametrize("how", ["early stopping", "last eval worse"])
+def test_adapter_holds_the_best_weights_not_the_last(how, tiny_models, small_csv, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    # validation losses: step 0 (the base), 1 (the best), 2, 3 (worse twice: patience 2 stops at 3), final
+    losses = iter([3.0, 2.0, 2.5, 2.6, 2.6])
+    monkeypatch.setattr(tr.Trainer, "held_out_loss",
+                        lambda self, split: next(losses) if split == "validation" else 1.0)
+    extra = {"train.max_steps": 6, "train.early_stopping_patience": 2} if how == "early stopping" else {
+        "train.max_steps": 3}
+    run = tr.train(tiny_config(tiny_models["llama"], small_csv, tmp_path / "run", **extra))
+    out = capsys.readouterr().out
+    names = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert names == ["step-000001", "step-000003"]  # the best is saved when found, though save_every is 0
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    best = load_file(run / "checkpoints" / "step-000001" / "adapter" / "adapter_model.safetensors")
+    last = load_file(run / "checkpoints" / "step-000003" / "adapter" / "adapter_model.safetensors")
+    assert all((adapter[k] == best[k]).all() for k in best)
+    assert any((adapter[k] != last[k]).any() for k in last)
+    summary = json.loads((run / "run.json").read_text())["summary"]
+    assert summary["adapter_from"] == {"checkpoint": "step-000001", "step": 1, "val_loss": 2.0, "last_val_loss": 2.6}
+    assert "best validation loss (step 1" in out

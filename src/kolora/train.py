@@ -460,6 +460,8 @@ def fit(t: Trainer) -> None:
             if has_eval and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < t.total_steps:
                 if not evaluate_and_decide(t, step, bar):
                     break
+                if state["bad_evals"] == 0 and not (cfg.train.save_every and step % cfg.train.save_every == 0):
+                    t.save(step)  # a new best: its checkpoint is what adapter/ gets if later ones are worse
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < t.total_steps:
                 t.save(step)
             if _stop_agreed(t.stop, acc) and step < t.total_steps:
@@ -546,10 +548,11 @@ def apply_update(t: Trainer, step_loss: float, bar) -> tuple[float | None, bool]
 
 
 def gradient_norm(t: Trainer) -> float | None:
-    """The global gradient norm, clipped to train.max_grad_norm (None without clipping)."""
-    if t.cfg.train.max_grad_norm <= 0:
-        return None
-    norm = t.accelerator.clip_grad_norm_(t.params, t.cfg.train.max_grad_norm)
+    """The global gradient norm, clipped to train.max_grad_norm; with 0 (no clipping) it is still
+    measured, so a NaN/inf gradient is caught either way. Through accelerate, so fp16 gradients
+    are unscaled first and FSDP's shards count on every process."""
+    max_norm = t.cfg.train.max_grad_norm if t.cfg.train.max_grad_norm > 0 else float("inf")  # inf: scales by 1
+    norm = t.accelerator.clip_grad_norm_(t.params, max_norm)
     return None if norm is None else float(norm)  # DeepSpeed clips inside its engine
 
 
@@ -628,7 +631,8 @@ def finish(t: Trainer) -> Path:
     final_val = t.run_eval(state["step"]) if has_eval else None
     if final_val is not None and (state["best_val"] is None or final_val < state["best_val"]):
         state["best_val"] = final_val
-    t.save(state["step"])
+    t.save(state["step"])  # the last weights: what a longer resumed run continues from
+    best = restore_best_weights(t, final_val)
     if t.is_main:
         ckpt.save_adapter_atomically(t.unwrapped.model, t.run.adapter)
     test = t.tokenized["test"]
@@ -638,6 +642,8 @@ def finish(t: Trainer) -> Path:
                "tokens": state["tokens"], "answer_tokens": state["answer_tokens"],
                "tokens_per_s": round(state["tokens"] * acc.num_processes / max(t.train_time, 1e-9), 1),
                "val_loss": final_val, "skipped_steps": state["skipped_steps"], "peak_rss_mb": round(peak_rss_mb())}
+    if best:  # val_loss is the saved adapter's, as the test loss below is
+        summary["adapter_from"], summary["val_loss"] = best, best["val_loss"]
     if test:
         tuned = t.held_out_loss("test")
         with t.unwrapped.model.disable_adapter():
@@ -645,9 +651,31 @@ def finish(t: Trainer) -> Path:
         summary.update(test_loss_base=base, test_loss_tuned=tuned, test_loss_change=(tuned - base) / base)
         t.log({"kind": "test", "step": state["step"], "base_loss": base, "tuned_loss": tuned})
     if t.is_main:
-        report_summary(t, summary, final_val)
+        report_summary(t, summary, summary["val_loss"])
     acc.wait_for_everyone()
     return t.run.path
+
+
+def restore_best_weights(t: Trainer, final_val: float | None) -> dict | None:
+    """When the last validation loss is worse than the best (early stopping, or overfitting by
+    the end), the model gets the best checkpoint's adapter back: adapter/, the test loss and the
+    health check are then all the best weights'. Every process loads it (all compute the test
+    loss). Returns what adapter/ holds instead of the last weights, for run.json."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state, name = t.state, t.state["best_checkpoint"]
+    if final_val is None or state["best_val"] is None or not final_val > state["best_val"]:
+        return None
+    if name is None or not (t.run.checkpoints / name).is_dir():
+        t.say(f"validation loss {final_val:.4f} is worse than the best ({state['best_val']:.4f}), whose weights were "
+              "not kept (the base model's at step 0, or a checkpoint deleted): adapter/ holds the last weights")
+        return None
+    set_peft_model_state_dict(t.unwrapped.model, load_file(t.run.checkpoints / name / "adapter" / "adapter_model.safetensors"))
+    step = int(name.split("-")[1])
+    t.say(f"adapter/ holds the best validation loss (step {step}, {state['best_val']:.4f}; the last step's "
+          f"{final_val:.4f}), from checkpoints/{name}")
+    return {"checkpoint": name, "step": step, "val_loss": state["best_val"], "last_val_loss": final_val}
 
 
 def report_summary(t: Trainer, summary: dict, final_val: float | None) -> None:
