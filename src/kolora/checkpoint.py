@@ -86,11 +86,29 @@ def compare_fingerprints(saved: dict, now: dict, where: Path) -> None:
     if saved.get("data") != now["data"]:
         diffs.append(f"the training data (checkpoint: {saved.get('train_rows')} rows of {saved.get('data_path')}, "
                      f"now: {now['train_rows']} rows of {now['data_path']}; the file, tokenizer, split or max_length changed)")
+    diffs += batching_diffs(saved.get("batching"), now.get("batching"))
+    if "seed" in saved and saved["seed"] != now.get("seed"):  # checkpoints from before the key resume as they did
+        diffs.append(f"train.seed: {saved['seed']} then, {now.get('seed')} now")
     if saved.get("fact_weight", 1) != now.get("fact_weight", 1):
         diffs.append(f"train.fact_weight (checkpoint: {saved.get('fact_weight', 1)}, now: {now.get('fact_weight', 1)})")
     if diffs:
         raise KoloraError(f"cannot resume from {where}: " + "; ".join(diffs),
-                          "restore the original model/data/config, or start a new run with --out")
+                          "restore the original model/data/config (and number of processes), or start a new run with --out")
+
+
+BATCHING = ("train.batch_size", "train.grad_accum", "processes")
+
+
+def batching_diffs(saved: list | None, now: list | None) -> list[str]:
+    """[batch_size, grad_accum, processes]: another one makes other batches and windows, so the
+    resumed run would not continue the data order (and RNG streams) it was saved in."""
+    if not saved or not now:
+        return []
+    out = []
+    for name, old, new in zip(BATCHING, saved, now):
+        if old != new:
+            out.append(f"{old} {name} then, {new} now" if name == "processes" else f"{name}: {old} then, {new} now")
+    return out
 
 
 # --------------------------------------------------------------------------- optimizer ⇄ safetensors

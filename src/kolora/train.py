@@ -349,7 +349,8 @@ def setup_model(t: Trainer) -> None:
                       "lora": ckpt.lora_shape(cfg, t.targets), "data": ckpt.data_fingerprint(train_data),
                       "data_path": ", ".join([cfg.data.path] + list(cfg.data.train_only or [])),
                       "train_rows": len(train_data),
-                      "batching": [cfg.train.batch_size, cfg.train.grad_accum, t.accelerator.num_processes]}
+                      "batching": [cfg.train.batch_size, cfg.train.grad_accum, t.accelerator.num_processes],
+                      "seed": cfg.train.seed}
     if cfg.train.fact_weight != 1:  # only when set, so checkpoints from before the key still resume
         t.fingerprints["fact_weight"] = cfg.train.fact_weight
     if t.grounding:  # the prompts depend on the corpus and the retrieval settings
