@@ -45,15 +45,85 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin")
+HASH_CACHE = "file-hashes.json"  # under models.cache_root(): sha256 by (path, size, mtime, ctime, inode)
+
+
 def model_fingerprint(path: str) -> str:
-    """config.json plus the names and sizes of the weight files: cheap, and changes whenever the
-    model does (hashing a 500 MB checkpoint on every resume would cost seconds for nothing)."""
+    """What the model's weights are, by content: config.json plus the sha256 of every weight file
+    (each hashed once per file version, see cached_sha256), or the commit of a hub snapshot.
+    Sizes alone miss a re-converted or fine-tuned model with the same shapes; the name alone
+    misses a hub model updated in place."""
+    p = Path(path)
+    if not p.is_dir():
+        return hub_fingerprint(path)
+    if p.parent.name == "snapshots" and _is_commit(p.name):  # a Hugging Face cache snapshot: immutable
+        return f"hub:{p.parent.parent.name}@{p.name}"
+    parts = [(p / "config.json").read_bytes() if (p / "config.json").is_file() else b""]
+    weights = [f for f in sorted(p.iterdir()) if f.suffix in WEIGHT_SUFFIXES and f.is_file()]
+    hashes = cached_sha256(weights)
+    parts += [f"{f.name}:{hashes[f]}".encode() for f in weights]
+    return "sha256:" + sha256_bytes(b"\n".join(parts))
+
+
+def _is_commit(name: str) -> bool:
+    return len(name) == 40 and all(c in "0123456789abcdef" for c in name)
+
+
+def hub_fingerprint(repo_id: str) -> str:
+    """A hub id loads its cached snapshot of `main`: that commit, when there is one."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # noqa: BLE001 - no cache, a malformed id: the name is all there is
+        found = None
+    commit = Path(found).parent.name if isinstance(found, str) else ""
+    return f"hub:{repo_id}@{commit}" if _is_commit(commit) else f"hub:{repo_id}"
+
+
+def cached_sha256(files: list[Path]) -> dict[Path, str]:
+    """sha256 of each file, computed once per file version: a 500 MB model takes seconds to
+    hash, and every resume and eval asks again. A version is (path, size, mtime, ctime, inode):
+    rewriting a file, even to the same size and mtime, changes its ctime."""
+    from .models import cache_root
+
+    cache_file = cache_root() / HASH_CACHE
+    try:
+        known = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    out, changed = {}, False
+    for f in files:
+        st = f.stat()
+        key = str(f.resolve())
+        version = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        entry = known.get(key)
+        if isinstance(entry, dict) and entry.get("version") == version:
+            out[f] = entry["sha256"]
+            continue
+        out[f] = sha256_file(f)
+        known[key], changed = {"version": version, "sha256": out[f]}, True
+    if changed:
+        try:  # a private temp name, then an atomic rename: concurrent processes never read half a file
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{HASH_CACHE}.{os.getpid()}")
+            tmp.write_text(json.dumps(known, indent=0), encoding="utf-8")
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only cache only costs hashing again next time
+    return out
+
+
+def legacy_model_fingerprint(path: str) -> str:
+    """The fingerprint checkpoints from before content hashing hold (config.json + file sizes, or
+    the bare name): compared with those so that they still resume."""
     p = Path(path)
     if not p.is_dir():
         return sha256_bytes(path.encode())
     parts = [(p / "config.json").read_bytes() if (p / "config.json").is_file() else b""]
     for f in sorted(p.iterdir()):
-        if f.suffix in (".safetensors", ".gguf", ".bin"):
+        if f.suffix in WEIGHT_SUFFIXES:
             parts.append(f"{f.name}:{f.stat().st_size}".encode())
     return sha256_bytes(b"\n".join(parts))
 
@@ -72,10 +142,14 @@ def lora_shape(cfg, targets: list[str]) -> dict:
             "use_dora": cfg.lora.use_dora, "use_rslora": cfg.lora.use_rslora}
 
 
-def compare_fingerprints(saved: dict, now: dict, where: Path) -> None:
-    """One line naming what differs; nothing has been loaded yet when this raises."""
+def compare_fingerprints(saved: dict, now: dict, where: Path, model_path: str | None = None) -> None:
+    """One line naming what differs; nothing has been loaded yet when this raises. `model_path`
+    lets a checkpoint with a fingerprint of the old kind be compared in its own terms."""
     diffs = []
-    if saved.get("model") != now["model"]:
+    model_now = now["model"]
+    if model_path is not None and ":" not in str(saved.get("model", ":")):
+        model_now = legacy_model_fingerprint(model_path)
+    if saved.get("model") != model_now:
         diffs.append(f"the model (checkpoint: {saved.get('model_name')}, now: {now['model_name']})"
                      if saved.get("model_name") != now["model_name"] else
                      f"the model files of {now['model_name']} changed since the checkpoint")

@@ -391,7 +391,7 @@ def resume_from_checkpoint(t: Trainer) -> None:
         if t.is_main:
             truncate_metrics(t.run.metrics, -1)
         return
-    ckpt.compare_fingerprints(ckpt.read_manifest(latest)["fingerprints"], t.fingerprints, latest)
+    ckpt.compare_fingerprints(ckpt.read_manifest(latest)["fingerprints"], t.fingerprints, latest, t.src.path)
     loaded, t.partial_grads = ckpt.load(latest, peft_model=t.unwrapped.model, optimizer=t.optimizer,
                                         scheduler=t.scheduler, rank=t.accelerator.process_index,
                                         scaler=getattr(t.accelerator, "scaler", None))
