@@ -111,3 +111,21 @@ def test_qlora_chat_eval_and_serve_load_the_tuned_model_on_the_gpu(tiny_models, 
     monkeypatch.setattr("kolora.generation.inference_dtype", lambda: "float32")
     load_tuned(run)
     assert str(fake_gpu[-1]["device_map"][""]) == "cuda:0"
+
+
+def test_tests_have_their_own_cache_and_share_only_the_converted_models():
+    import os
+    from pathlib import Path
+
+    import conftest
+
+    from kolora.models import _converted, cache_root
+
+    cache, home = Path(os.environ["KOLORA_CACHE"]), Path.home() / ".cache" / "kolora"
+    assert cache_root() == cache and not cache.resolve().is_relative_to(home.resolve())
+    USER_CACHE = conftest.USER_CACHE  # noqa: N806
+    assert not cache.resolve().is_relative_to(USER_CACHE.resolve())
+    assert (cache / "models").resolve() == (USER_CACHE / "models").resolve()
+    for name, preset in PRESETS.items():  # converted once in the user's cache: found, not converted again
+        if _converted(USER_CACHE / "models" / name, preset.sha256):
+            assert _converted(cache / "models" / name, preset.sha256)
