@@ -21,15 +21,31 @@ CHATML = (
 )
 
 
+# The user's kolora cache, as it was before the tests pointed KOLORA_CACHE elsewhere.
+USER_CACHE = Path(os.environ.get("KOLORA_CACHE") or Path.home() / ".cache" / "kolora")
+SHARED = ("models", "gguf")  # the converted bundled models (~90 s to convert Gemma) and the GGUF they come from
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _offline_env(tmp_path_factory):
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Tests never write to the user's cache, except the real-model tests that share the converted models.
-    if "KOLORA_CACHE" not in os.environ:
-        os.environ["KOLORA_CACHE"] = str(Path.home() / ".cache" / "kolora")
+    os.environ["KOLORA_CACHE"] = str(session_cache(tmp_path_factory.mktemp("kolora-cache")))
     yield
+
+
+def session_cache(cache: Path) -> Path:
+    """Each test session has its own cache: eval's base answers and the weight-file hashes of one
+    session never leak into the next or into the user's. Only the converted bundled models are
+    shared, linked from the user's cache: a model missing there is converted into it, once."""
+    for name in SHARED:
+        try:
+            (USER_CACHE / name).mkdir(parents=True, exist_ok=True)
+            (cache / name).symlink_to(USER_CACHE / name, target_is_directory=True)
+        except OSError:
+            pass  # no usable user cache: this session converts into its own
+    return cache
 
 
 def corpus() -> list[str]:

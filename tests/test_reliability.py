@@ -172,6 +172,8 @@ def copy_run(src: Path, dst: Path) -> Path:
     ("lora", "LoRA r (checkpoint: 4, now: 8)"),
     ("data", "the training data"),
     ("model", "the model"),
+    ("seed", "train.seed: 42 then, 7 now"),
+    ("batch_size", "train.batch_size: 4 then, 2 now"),
 ])
 def test_a_wrong_resume_is_refused_naming_what_differs(change, expected, finished, tiny_models, small_csv, tmp_path):
     import yaml
@@ -181,6 +183,10 @@ def test_a_wrong_resume_is_refused_naming_what_differs(change, expected, finishe
     cfg["train"]["max_steps"] = 6
     if change == "lora":
         cfg["lora"]["r"] = 8
+    elif change == "seed":
+        cfg["train"]["seed"] = 7
+    elif change == "batch_size":
+        cfg["train"]["batch_size"] = 2
     elif change == "data":
         other = tmp_path / "other.csv"
         lines = small_csv.read_text(encoding="utf-8").splitlines()

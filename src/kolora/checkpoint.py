@@ -5,7 +5,7 @@
       optimizer.safetensors      AdamW moments, flattened; the rest of its state is JSON
       rng.safetensors            torch CPU (and CUDA) RNG of every process
       grads.safetensors          only when saved inside a gradient-accumulation window
-      trainer_state.json         step, micro-batch position, scheduler, best loss, …
+      trainer_state.json         step, micro-batch position, scheduler, fp16 grad scaler, best loss, …
       kolora-checkpoint.json     written last: format, fingerprints, every file's size + sha256
 
 A checkpoint is written into `.tmp-…`, fsynced, renamed, and the parent directory fsynced (a
@@ -46,15 +46,85 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin")
+HASH_CACHE = "file-hashes.json"  # under models.cache_root(): sha256 by (path, size, mtime, ctime, inode)
+
+
 def model_fingerprint(path: str) -> str:
-    """config.json plus the names and sizes of the weight files: cheap, and changes whenever the
-    model does (hashing a 500 MB checkpoint on every resume would cost seconds for nothing)."""
+    """What the model's weights are, by content: config.json plus the sha256 of every weight file
+    (each hashed once per file version, see cached_sha256), or the commit of a hub snapshot.
+    Sizes alone miss a re-converted or fine-tuned model with the same shapes; the name alone
+    misses a hub model updated in place."""
+    p = Path(path)
+    if not p.is_dir():
+        return hub_fingerprint(path)
+    if p.parent.name == "snapshots" and _is_commit(p.name):  # a Hugging Face cache snapshot: immutable
+        return f"hub:{p.parent.parent.name}@{p.name}"
+    parts = [(p / "config.json").read_bytes() if (p / "config.json").is_file() else b""]
+    weights = [f for f in sorted(p.iterdir()) if f.suffix in WEIGHT_SUFFIXES and f.is_file()]
+    hashes = cached_sha256(weights)
+    parts += [f"{f.name}:{hashes[f]}".encode() for f in weights]
+    return "sha256:" + sha256_bytes(b"\n".join(parts))
+
+
+def _is_commit(name: str) -> bool:
+    return len(name) == 40 and all(c in "0123456789abcdef" for c in name)
+
+
+def hub_fingerprint(repo_id: str) -> str:
+    """A hub id loads its cached snapshot of `main`: that commit, when there is one."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # noqa: BLE001 - no cache, a malformed id: the name is all there is
+        found = None
+    commit = Path(found).parent.name if isinstance(found, str) else ""
+    return f"hub:{repo_id}@{commit}" if _is_commit(commit) else f"hub:{repo_id}"
+
+
+def cached_sha256(files: list[Path]) -> dict[Path, str]:
+    """sha256 of each file, computed once per file version: a 500 MB model takes seconds to
+    hash, and every resume and eval asks again. A version is (path, size, mtime, ctime, inode):
+    rewriting a file, even to the same size and mtime, changes its ctime."""
+    from .models import cache_root
+
+    cache_file = cache_root() / HASH_CACHE
+    try:
+        known = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    out, changed = {}, False
+    for f in files:
+        st = f.stat()
+        key = str(f.resolve())
+        version = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        entry = known.get(key)
+        if isinstance(entry, dict) and entry.get("version") == version:
+            out[f] = entry["sha256"]
+            continue
+        out[f] = sha256_file(f)
+        known[key], changed = {"version": version, "sha256": out[f]}, True
+    if changed:
+        try:  # a private temp name, then an atomic rename: concurrent processes never read half a file
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{HASH_CACHE}.{os.getpid()}")
+            tmp.write_text(json.dumps(known, indent=0), encoding="utf-8")
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only cache only costs hashing again next time
+    return out
+
+
+def legacy_model_fingerprint(path: str) -> str:
+    """The fingerprint checkpoints from before content hashing hold (config.json + file sizes, or
+    the bare name): compared with those so that they still resume."""
     p = Path(path)
     if not p.is_dir():
         return sha256_bytes(path.encode())
     parts = [(p / "config.json").read_bytes() if (p / "config.json").is_file() else b""]
     for f in sorted(p.iterdir()):
-        if f.suffix in (".safetensors", ".gguf", ".bin"):
+        if f.suffix in WEIGHT_SUFFIXES:
             parts.append(f"{f.name}:{f.stat().st_size}".encode())
     return sha256_bytes(b"\n".join(parts))
 
@@ -73,10 +143,14 @@ def lora_shape(cfg, targets: list[str]) -> dict:
             "use_dora": cfg.lora.use_dora, "use_rslora": cfg.lora.use_rslora}
 
 
-def compare_fingerprints(saved: dict, now: dict, where: Path) -> None:
-    """One line naming what differs; nothing has been loaded yet when this raises."""
+def compare_fingerprints(saved: dict, now: dict, where: Path, model_path: str | None = None) -> None:
+    """One line naming what differs; nothing has been loaded yet when this raises. `model_path`
+    lets a checkpoint with a fingerprint of the old kind be compared in its own terms."""
     diffs = []
-    if saved.get("model") != now["model"]:
+    model_now = now["model"]
+    if model_path is not None and ":" not in str(saved.get("model", ":")):
+        model_now = legacy_model_fingerprint(model_path)
+    if saved.get("model") != model_now:
         diffs.append(f"the model (checkpoint: {saved.get('model_name')}, now: {now['model_name']})"
                      if saved.get("model_name") != now["model_name"] else
                      f"the model files of {now['model_name']} changed since the checkpoint")
@@ -87,11 +161,29 @@ def compare_fingerprints(saved: dict, now: dict, where: Path) -> None:
     if saved.get("data") != now["data"]:
         diffs.append(f"the training data (checkpoint: {saved.get('train_rows')} rows of {saved.get('data_path')}, "
                      f"now: {now['train_rows']} rows of {now['data_path']}; the file, tokenizer, split or max_length changed)")
+    diffs += batching_diffs(saved.get("batching"), now.get("batching"))
+    if "seed" in saved and saved["seed"] != now.get("seed"):  # checkpoints from before the key resume as they did
+        diffs.append(f"train.seed: {saved['seed']} then, {now.get('seed')} now")
     if saved.get("fact_weight", 1) != now.get("fact_weight", 1):
         diffs.append(f"train.fact_weight (checkpoint: {saved.get('fact_weight', 1)}, now: {now.get('fact_weight', 1)})")
     if diffs:
         raise KoloraError(f"cannot resume from {where}: " + "; ".join(diffs),
-                          "restore the original model/data/config, or start a new run with --out")
+                          "restore the original model/data/config (and number of processes), or start a new run with --out")
+
+
+BATCHING = ("train.batch_size", "train.grad_accum", "processes")
+
+
+def batching_diffs(saved: list | None, now: list | None) -> list[str]:
+    """[batch_size, grad_accum, processes]: another one makes other batches and windows, so the
+    resumed run would not continue the data order (and RNG streams) it was saved in."""
+    if not saved or not now:
+        return []
+    out = []
+    for name, old, new in zip(BATCHING, saved, now):
+        if old != new:
+            out.append(f"{old} {name} then, {new} now" if name == "processes" else f"{name}: {old} then, {new} now")
+    return out
 
 
 # --------------------------------------------------------------------------- optimizer ⇄ safetensors
@@ -154,7 +246,7 @@ def _fsync(path: Path) -> None:
 
 
 def save(root: Path, step: int, *, adapter_model, optimizer, scheduler, state: dict, fingerprints: dict,
-         rng_by_rank: list[dict], grads: dict | None = None, fault=None) -> Path:
+         rng_by_rank: list[dict], grads: dict | None = None, fault=None, scaler=None) -> Path:
     """Write checkpoint `step` atomically. `fault` is the test hook that may kill us mid-save."""
     from safetensors.torch import save_file
 
@@ -179,6 +271,8 @@ def save(root: Path, step: int, *, adapter_model, optimizer, scheduler, state: d
         fault("in-save", step)
     trainer_state = {**state, "scheduler": scheduler.state_dict(), "optimizer": opt_meta,
                      "python_random": _json_random_state()}
+    if scaler is not None:  # fp16: the loss scale it has settled on (plain numbers: JSON, no pickle)
+        trainer_state["grad_scaler"] = scaler.state_dict()
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": sha256_file(f)}
              for f in sorted(tmp.rglob("*")) if f.is_file()}
@@ -298,8 +392,9 @@ def read_manifest(ckpt: Path) -> dict:
     return json.loads((ckpt / MANIFEST).read_text())
 
 
-def load(ckpt: Path, *, peft_model, optimizer, scheduler, rank: int) -> tuple[dict, dict | None]:
-    """Restore adapter, optimizer, scheduler and RNG; returns (trainer state, partial grads)."""
+def load(ckpt: Path, *, peft_model, optimizer, scheduler, rank: int, scaler=None) -> tuple[dict, dict | None]:
+    """Restore adapter, optimizer, scheduler, RNG and the fp16 grad scaler; returns (trainer
+    state, partial grads)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -319,6 +414,9 @@ def load(ckpt: Path, *, peft_model, optimizer, scheduler, rank: int) -> tuple[di
                           "resume with the model and LoRA config the run was started with")
     optimizer.load_state_dict(optimizer_from_tensors(load_file(ckpt / "optimizer.safetensors"), state.pop("optimizer")))
     scheduler.load_state_dict(state.pop("scheduler"))
+    scaler_state = state.pop("grad_scaler", None)
+    if scaler is not None and scaler_state:  # else it starts afresh (a checkpoint from before fp16 state was kept)
+        scaler.load_state_dict(scaler_state)
     set_rng_state(mine)
     py = state.pop("python_random", None)
     if py:

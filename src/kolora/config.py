@@ -67,7 +67,7 @@ class TrainConfig:
     warmup_ratio: float = opt(0.05, "share of steps with linear warm-up before the cosine decay")
     fact_weight: float = opt(1.0, "loss weight of answer tokens that state a fact (statute reference, period, amount, fraction, "
                                   "percentage, count: what `kolora eval` scores as fact recall); 1 = plain cross entropy")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm; 0 disables clipping")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm; 0 disables clipping (a NaN/inf gradient is still caught)")
     mixed_precision: str = opt("auto", "auto (bf16 where the CPU/GPU supports it), bf16, fp16 or no")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: less memory, ~30% slower")
     compile: str = opt("auto", "torch.compile each decoder layer: auto (on a CPU with a C++ compiler, unquantized, no gradient checkpointing), true, false")
@@ -75,7 +75,7 @@ class TrainConfig:
     save_every: int = opt(100, "write a checkpoint every N optimizer steps; 0 = only at the end")
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep (the best one by validation loss is kept too)")
     max_nonfinite_steps: int = opt(2, "optimizer steps with a NaN/inf loss or gradient that are skipped (no update) before the run stops; 0 = stop at the first")
-    early_stopping_patience: int = opt(0, "stop after N evaluations without a better validation loss; 0 = off")
+    early_stopping_patience: int = opt(0, "stop after N evaluations without a better validation loss (adapter/ then holds the best); 0 = off")
     log_every: int = opt(5, "write a metrics.jsonl line every N optimizer steps")
     health_check: int = opt(4, "after training, answer N validation questions and warn if answers do not stop (no EOS) or loop; 0 = off")
     seed: int = opt(42, "seed of LoRA init, dropout and data order")

@@ -320,6 +320,7 @@ def base_cache_file(side: Side, plan: Plan, gen, batch_size: int) -> Path | None
     except KoloraError:
         return None
     key = json.dumps({"model": model_fingerprint(model_path), "kolora": __version__, "torch": torch.__version__,
+                      **answering_setup(plan),
                       "dtype": inference_dtype(), "system": plan.cfg.data.system_prompt, "template": plan.cfg.data.template,
                       "gen": dataclasses.asdict(gen), "batch": batch_size,
                       "questions": [[ex.question, ex.answer, ex.system, ex.history] for ex in plan.examples],
@@ -328,6 +329,38 @@ def base_cache_file(side: Side, plan: Plan, gen, batch_size: int) -> Path | None
                                   plan.grounding.corpus.fingerprint()) if side.grounded else None},
                      ensure_ascii=False, sort_keys=True, default=str)
     return cache_root() / "eval-base" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def answering_setup(plan: Plan) -> dict:
+    """What else decides an untuned base's answers: the quantization it is loaded with, the
+    libraries that run it, the tokenizer that encodes its prompts (the run's, or the merged
+    model's) and the device (GPU kernels do not round as the CPU's do)."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    from .checkpoint import WEIGHT_SUFFIXES
+    from .runs import Run
+
+    target = Path(plan.target)
+    merged = (target / MERGE_MARKER).is_file()  # its base loads in full precision (load_plain), on the CPU
+    quantization = "none" if merged else plan.cfg.model.quantization
+    libraries = {}
+    for name in ("transformers", "peft") + (("bitsandbytes",) if quantization != "none" else ()):
+        try:
+            libraries[name] = version(name)
+        except PackageNotFoundError:
+            libraries[name] = None
+    tok_dir = target if merged else Run(target).tokenizer
+    tokenizer = hashlib.sha256()
+    for f in sorted(tok_dir.iterdir()) if tok_dir.is_dir() else []:
+        if f.is_file() and f.suffix not in WEIGHT_SUFFIXES and f.name not in ("config.json", "generation_config.json",
+                                                                               MERGE_MARKER):
+            tokenizer.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    cuda = torch.cuda.is_available() and not merged
+    device = f"cuda:{torch.cuda.get_device_name(0)}" if cuda else "cpu"
+    return {"quantization": quantization, "libraries": libraries, "tokenizer": tokenizer.hexdigest(), "device": device}
 
 
 def evaluate(plan: Plan, gen, batch_size: int, use_cache: bool = True) -> tuple[dict, list[dict]]:

@@ -234,7 +234,9 @@ def load_model(src: ModelSource, dtype: str = "float32", quantization: str = "no
     kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if quantization != "none":
         kwargs["quantization_config"] = bnb_config(quantization, kwargs["dtype"])
-        kwargs["device_map"] = {"": device if device is not None else "cpu"}
+        # A quantized model cannot be moved once loaded: where it loads is where chat, eval and
+        # serve run it, so on the GPU when there is one (bitsandbytes' CUDA kernels).
+        kwargs["device_map"] = {"": device if device is not None else quantized_device()}
     try:
         model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
     except OSError as e:
@@ -247,6 +249,12 @@ def load_model(src: ModelSource, dtype: str = "float32", quantization: str = "no
                               "pass --model.trust_remote_code true if you trust its author") from None
         raise
     return model
+
+
+def quantized_device():
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
 
 
 def refuse_pickle_weights(src: ModelSource) -> None:

@@ -167,7 +167,7 @@ class Trainer:
                 state["best_checkpoint"] = name  # kept by pruning even when it is not among the newest
             ckpt.save(self.run.checkpoints, step, adapter_model=self.unwrapped.model, optimizer=self.optimizer,
                       scheduler=self.scheduler, state=state, fingerprints=self.fingerprints, rng_by_rank=rngs,
-                      grads=grads, fault=self.faults or None)
+                      grads=grads, fault=self.faults or None, scaler=getattr(acc, "scaler", None))
             ckpt.prune(self.run.checkpoints, self.cfg.train.keep_checkpoints, {state["best_checkpoint"]} - {None})
         acc.wait_for_everyone()
 
@@ -208,11 +208,24 @@ def setup_run(cfg: RunConfig, resume: str | None, dry_run: bool, force: bool, st
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     accelerator = Accelerator(mixed_precision=precision.mixed, cpu=not use_cuda)
+    refuse_deepspeed_accumulation(cfg, accelerator)
     set_seed(cfg.train.seed)
     if not cfg.train.fact_weight > 0:
         raise KoloraError(f"train.fact_weight must be positive (got {cfg.train.fact_weight})",
                           "1 trains with the plain loss; 2-4 weights the facts' tokens more")
     return Trainer(cfg, run, resume, accelerator, precision, stop, faults, accelerator.is_main_process, use_cuda)
+
+
+def refuse_deepspeed_accumulation(cfg: RunConfig, accelerator) -> None:
+    """Under DeepSpeed, accelerate steps the engine on every micro-batch (its optimizer.step is a
+    no-op): kolora's accumulation window and its NaN/inf skip would silently not happen."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.train.grad_accum > 1:
+        raise KoloraError(f"train.grad_accum {cfg.train.grad_accum} does not work under DeepSpeed: its engine steps "
+                          "on every micro-batch, so kolora's gradient accumulation (and its NaN skip) would not apply",
+                          "set gradient_accumulation_steps in the DeepSpeed JSON and --train.grad_accum 1, "
+                          "or launch with DDP (accelerate launch --multi_gpu)")
 
 
 # --------------------------------------------------------------------------- 2. data
@@ -334,7 +347,8 @@ def setup_model(t: Trainer) -> None:
                       "lora": ckpt.lora_shape(cfg, t.targets), "data": ckpt.data_fingerprint(train_data),
                       "data_path": ", ".join([cfg.data.path] + list(cfg.data.train_only or [])),
                       "train_rows": len(train_data),
-                      "batching": [cfg.train.batch_size, cfg.train.grad_accum, t.accelerator.num_processes]}
+                      "batching": [cfg.train.batch_size, cfg.train.grad_accum, t.accelerator.num_processes],
+                      "seed": cfg.train.seed}
     if cfg.train.fact_weight != 1:  # only when set, so checkpoints from before the key still resume
         t.fingerprints["fact_weight"] = cfg.train.fact_weight
     if t.grounding:  # the prompts depend on the corpus and the retrieval settings
@@ -376,9 +390,10 @@ def resume_from_checkpoint(t: Trainer) -> None:
         if t.is_main:
             truncate_metrics(t.run.metrics, -1)
         return
-    ckpt.compare_fingerprints(ckpt.read_manifest(latest)["fingerprints"], t.fingerprints, latest)
+    ckpt.compare_fingerprints(ckpt.read_manifest(latest)["fingerprints"], t.fingerprints, latest, t.src.path)
     loaded, t.partial_grads = ckpt.load(latest, peft_model=t.unwrapped.model, optimizer=t.optimizer,
-                                        scheduler=t.scheduler, rank=t.accelerator.process_index)
+                                        scheduler=t.scheduler, rank=t.accelerator.process_index,
+                                        scaler=getattr(t.accelerator, "scaler", None))
     t.state.update(loaded)
     dropped_events = truncate_metrics(t.run.metrics, t.state["step"]) if t.is_main else 0
     inside = (f", {t.state['window_pos']} of {t.cfg.train.grad_accum} micro-batches into the next step"
@@ -445,6 +460,8 @@ def fit(t: Trainer) -> None:
             if has_eval and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < t.total_steps:
                 if not evaluate_and_decide(t, step, bar):
                     break
+                if state["bad_evals"] == 0 and not (cfg.train.save_every and step % cfg.train.save_every == 0):
+                    t.save(step)  # a new best: its checkpoint is what adapter/ gets if later ones are worse
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < t.total_steps:
                 t.save(step)
             if _stop_agreed(t.stop, acc) and step < t.total_steps:
@@ -508,28 +525,61 @@ def apply_update(t: Trainer, step_loss: float, bar) -> tuple[float | None, bool]
     """Clip, then step the optimizer, unless the loss or the gradient norm is not finite:
     then the update is skipped (the schedule and data still move on), up to
     train.max_nonfinite_steps times. Returns (gradient norm, finite)."""
-    cfg, state = t.cfg, t.state
-    grad_norm = None
-    if cfg.train.max_grad_norm > 0:
-        grad_norm = float(t.accelerator.clip_grad_norm_(t.params, cfg.train.max_grad_norm))
-    finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(grad_norm))
-    if finite:
+    grad_norm = gradient_norm(t)
+    scaler = getattr(t.accelerator, "scaler", None)
+    overflow = False
+    if scaler is not None:
+        # fp16: the grad scaler decides. Its step skips an update with inf/NaN gradients and
+        # its update() lowers the scale; both must run every step, or the next unscale_()
+        # fails ("already been called") and the scale never adapts.
         t.optimizer.step()
+        skipped = bool(getattr(t.optimizer, "step_was_skipped", False))
+        finite = math.isfinite(step_loss) and not skipped
+        overflow = skipped and math.isfinite(step_loss)  # the scaler's business: it retries at a lower scale
     else:
-        state["skipped_steps"] += 1
-        t.log({"kind": "skip", "step": state["step"] + 1, "loss": step_loss, "grad_norm": grad_norm})
-        if state["skipped_steps"] > cfg.train.max_nonfinite_steps:
-            raise KoloraError(
-                f"loss {step_loss} / gradient norm {grad_norm} is not finite at step {state['step'] + 1} "
-                f"({state['skipped_steps']} non-finite steps, train.max_nonfinite_steps={cfg.train.max_nonfinite_steps})",
-                "lower train.lr, or use --train.mixed_precision no; the last checkpoint is intact "
-                f"(nothing after it was saved): resume with kolora train --resume {t.run.path}")
-        if t.is_main:
-            bar.write(f"step {state['step'] + 1}: loss {step_loss} / gradient norm {grad_norm} not finite: "
-                      f"step skipped ({state['skipped_steps']} of {cfg.train.max_nonfinite_steps} allowed)")
+        finite = math.isfinite(step_loss) and (grad_norm is None or math.isfinite(grad_norm))
+        if finite:
+            t.optimizer.step()
+    if not finite:
+        skip_step(t, step_loss, grad_norm, bar, scaler.get_scale() if overflow else None)
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     return grad_norm, finite
+
+
+def gradient_norm(t: Trainer) -> float | None:
+    """The global gradient norm, clipped to train.max_grad_norm; with 0 (no clipping) it is still
+    measured, so a NaN/inf gradient is caught either way. Through accelerate, so fp16 gradients
+    are unscaled first and FSDP's shards count on every process."""
+    max_norm = t.cfg.train.max_grad_norm if t.cfg.train.max_grad_norm > 0 else float("inf")  # inf: scales by 1
+    norm = t.accelerator.clip_grad_norm_(t.params, max_norm)
+    return None if norm is None else float(norm)  # DeepSpeed clips inside its engine
+
+
+def skip_step(t: Trainer, step_loss: float, grad_norm, bar, fp16_scale: float | None) -> None:
+    """Count and report a step without an update. An fp16 overflow (finite loss, the scaler
+    lowered its scale) is routine while the scale settles: counted, never fatal."""
+    cfg, state = t.cfg, t.state
+    state["skipped_steps"] += 1
+    step = state["step"] + 1
+    if fp16_scale is not None:
+        state["fp16_overflows"] = state.get("fp16_overflows", 0) + 1  # .get: checkpoints from before the key
+        t.log({"kind": "skip", "step": step, "loss": step_loss, "grad_norm": grad_norm, "fp16_overflow": True,
+               "loss_scale": fp16_scale})
+        if t.is_main:
+            bar.write(f"step {step}: fp16 gradient overflow: step skipped, loss scale lowered to {fp16_scale:g}")
+        return
+    t.log({"kind": "skip", "step": step, "loss": step_loss, "grad_norm": grad_norm})
+    nonfinite = state["skipped_steps"] - state.get("fp16_overflows", 0)
+    if nonfinite > cfg.train.max_nonfinite_steps:
+        raise KoloraError(
+            f"loss {step_loss} / gradient norm {grad_norm} is not finite at step {step} "
+            f"({nonfinite} non-finite steps, train.max_nonfinite_steps={cfg.train.max_nonfinite_steps})",
+            "lower train.lr, or use --train.mixed_precision no; the last checkpoint is intact "
+            f"(nothing after it was saved): resume with kolora train --resume {t.run.path}")
+    if t.is_main:
+        bar.write(f"step {step}: loss {step_loss} / gradient norm {grad_norm} not finite: "
+                  f"step skipped ({nonfinite} of {cfg.train.max_nonfinite_steps} allowed)")
 
 
 @dataclass
@@ -581,7 +631,8 @@ def finish(t: Trainer) -> Path:
     final_val = t.run_eval(state["step"]) if has_eval else None
     if final_val is not None and (state["best_val"] is None or final_val < state["best_val"]):
         state["best_val"] = final_val
-    t.save(state["step"])
+    t.save(state["step"])  # the last weights: what a longer resumed run continues from
+    best = restore_best_weights(t, final_val)
     if t.is_main:
         ckpt.save_adapter_atomically(t.unwrapped.model, t.run.adapter)
     test = t.tokenized["test"]
@@ -591,6 +642,8 @@ def finish(t: Trainer) -> Path:
                "tokens": state["tokens"], "answer_tokens": state["answer_tokens"],
                "tokens_per_s": round(state["tokens"] * acc.num_processes / max(t.train_time, 1e-9), 1),
                "val_loss": final_val, "skipped_steps": state["skipped_steps"], "peak_rss_mb": round(peak_rss_mb())}
+    if best:  # val_loss is the saved adapter's, as the test loss below is
+        summary["adapter_from"], summary["val_loss"] = best, best["val_loss"]
     if test:
         tuned = t.held_out_loss("test")
         with t.unwrapped.model.disable_adapter():
@@ -598,9 +651,31 @@ def finish(t: Trainer) -> Path:
         summary.update(test_loss_base=base, test_loss_tuned=tuned, test_loss_change=(tuned - base) / base)
         t.log({"kind": "test", "step": state["step"], "base_loss": base, "tuned_loss": tuned})
     if t.is_main:
-        report_summary(t, summary, final_val)
+        report_summary(t, summary, summary["val_loss"])
     acc.wait_for_everyone()
     return t.run.path
+
+
+def restore_best_weights(t: Trainer, final_val: float | None) -> dict | None:
+    """When the last validation loss is worse than the best (early stopping, or overfitting by
+    the end), the model gets the best checkpoint's adapter back: adapter/, the test loss and the
+    health check are then all the best weights'. Every process loads it (all compute the test
+    loss). Returns what adapter/ holds instead of the last weights, for run.json."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state, name = t.state, t.state["best_checkpoint"]
+    if final_val is None or state["best_val"] is None or not final_val > state["best_val"]:
+        return None
+    if name is None or not (t.run.checkpoints / name).is_dir():
+        t.say(f"validation loss {final_val:.4f} is worse than the best ({state['best_val']:.4f}), whose weights were "
+              "not kept (the base model's at step 0, or a checkpoint deleted): adapter/ holds the last weights")
+        return None
+    set_peft_model_state_dict(t.unwrapped.model, load_file(t.run.checkpoints / name / "adapter" / "adapter_model.safetensors"))
+    step = int(name.split("-")[1])
+    t.say(f"adapter/ holds the best validation loss (step {step}, {state['best_val']:.4f}; the last step's "
+          f"{final_val:.4f}), from checkpoints/{name}")
+    return {"checkpoint": name, "step": step, "val_loss": state["best_val"], "last_val_loss": final_val}
 
 
 def report_summary(t: Trainer, summary: dict, final_val: float | None) -> None:
