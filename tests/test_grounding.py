@@ -139,3 +139,16 @@ def test_a_corpus_without_articles_is_one_line(tiny_models, small_csv, tmp_path)
     r = run_cli("train", "--model", str(tiny_models["llama"]), "--data", str(small_csv), "--out", str(tmp_path / "r"),
                 *TINY_TRAIN, "--retrieval.corpus", str(bad))
     assert r.returncode == 2 and "notes.md" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_expansion_rows_that_paraphrase_a_held_out_question_are_dropped():
+    """retrieval.expand_with must not carry a held-out question's article into the index: the
+    articles row 319 paraphrases QA row 79 (both 민법 제624조)."""
+    qa, _ = load_examples(str(ROOT / "data" / "civil_law_qa.csv"))
+    held_out = [ex for ex in qa if ex.line == 79]
+    cfg = grounded_cfg("x")
+    cfg.retrieval.expand_with = [str(ROOT / "data" / "civil_law_articles.csv")]
+    report: list[str] = []
+    rows = grounding.expansion_rows(cfg, held_out, report)
+    assert 319 not in {ex.line for ex in rows} and len(rows) == 373
+    assert "dropped" in report[0] and "319" in report[0]

@@ -91,25 +91,24 @@ def build(cfg: RunConfig, train: list[Example], held_out: list[Example] = ()) ->
 
 
 def expansion_rows(cfg: RunConfig, held_out: list[Example], report: list[str]) -> list[Example]:
-    """The rows of retrieval.expand_with, less any whose question is a held-out question (it
-    would carry that question's article into the index: a leak), counted in `report`."""
-    from .data import load_examples
+    """The rows of retrieval.expand_with, less any whose question is a held-out question or a
+    near-duplicate of one (it would carry that question's article into the index: a leak; the
+    same rule and threshold as data.train_only), counted in `report`."""
+    from .data import NEAR_DUPLICATE, _nearest_held_out, load_examples, normalise_question
 
-    held = {_key(ex.question) for ex in held_out}
+    held = {normalise_question(ex.question) for ex in held_out}
     rows = []
     for path in cfg.retrieval.expand_with or []:
-        examples, data_report = load_examples(path)
-        kept = [ex for ex in examples if _key(ex.question) not in held]
+        examples, _ = load_examples(path)
+        keys = [normalise_question(ex.question) for ex in examples]
+        near = _nearest_held_out(keys, list(held_out)) if held_out else [(0.0, None)] * len(examples)
+        dropped = [ex for ex, key, (score, _) in zip(examples, keys, near) if key in held or score >= NEAR_DUPLICATE]
+        kept = [ex for ex in examples if ex not in dropped]
         report.append(f"{path}: {len(kept)} questions expand the index (not trained on)"
-                      + (f"; {len(examples) - len(kept)} dropped: the same question is held out "
-                         f"(lines {', '.join(str(ex.line) for ex in examples if _key(ex.question) in held)})"
-                         if len(kept) < len(examples) else ""))
+                      + (f"; {len(dropped)} dropped as the same as or a near-duplicate of a held-out question "
+                         f"(lines {', '.join(str(ex.line) for ex in dropped)})" if dropped else ""))
         rows += kept
     return rows
-
-
-def _key(question: str) -> str:
-    return "".join(ch for ch in question.lower() if ch.isalnum())
 
 
 def _expansions(cited: list[list[str]], examples: list[Example], skip=lambda i: False) -> dict[str, list[str]]:
