@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "kolora"
 
 # bottom to top; a module imports only modules in lower layers
 LAYERS = [
-    ["__init__", "errors", "interrupts"],
+    ["__init__", "errors", "interrupts", "files"],
     ["config", "data", "facts", "report"],
     ["prompt", "models", "device", "metrics", "html_report", "corpus"],
     ["runs", "checkpoint", "batching", "retrieval", "citations"],

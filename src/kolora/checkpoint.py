@@ -27,6 +27,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import KoloraError
+from .files import fsync_path
 from .models import PICKLE_SUFFIXES
 
 FORMAT = "kolora-checkpoint/1"
@@ -238,11 +239,7 @@ def set_rng_state(tensors: dict) -> None:
 
 # --------------------------------------------------------------------------- save
 def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path)
 
 
 def save(root: Path, step: int, *, adapter_model, optimizer, scheduler, state: dict, fingerprints: dict,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from .errors import KoloraError
+from .files import fsync_path
 from .models import PICKLE_SUFFIXES
 
 
@@ -75,11 +76,7 @@ class Run:
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path)
 
 
 def write_atomically(path: Path, text: str) -> None:
