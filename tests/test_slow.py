@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -108,7 +109,8 @@ def test_a_gguf_file_is_converted_once_and_cached(tmp_path):
 @pytest.mark.parametrize("arch", ["gemma3", "gpt2"])
 def test_compiled_layers_train_like_eager(tiny_models, small_csv, tmp_path, arch):
     """train.compile true compiles each decoder layer in place: the same losses as eager (no
-    dropout, whose random masks differ under inductor), an adapter stock peft can read."""
+    dropout, whose random masks differ under inductor), an adapter stock peft can read; and a
+    compiled run killed inside an accumulation window resumes to the uninterrupted compiled run."""
     losses = {}
     for mode in ("true", "false"):
         run = tmp_path / mode
@@ -126,3 +128,18 @@ def test_compiled_layers_train_like_eager(tiny_models, small_csv, tmp_path, arch
     assert len(losses["true"]) == 4
     for a, b in zip(losses["true"], losses["false"]):
         assert abs(a - b) < 1e-3 * abs(b), (losses["true"], losses["false"])
+    if arch == "gemma3":  # reliability with compile on: killed inside step 4's window, resumed from step 3
+        from test_reliability import max_adapter_diff, unusable_complete_checkpoints
+
+        killed = tmp_path / "killed"
+        flags = [*TINY_TRAIN, "--max-steps", "4", "--lora.dropout", "0", "--train.compile", "true",
+                 "--train.health_check", "0"]
+        r = run_cli("train", "--model", str(tiny_models[arch]), "--data", str(small_csv), "--out", str(killed), *flags,
+                    env={"KOLORA_FAULTS": "kill-at-micro=7"})
+        assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
+        assert unusable_complete_checkpoints(killed) == []
+        r = run_cli("train", "--resume", str(killed))
+        assert r.returncode == 0 and "resumed from step-000003" in r.stdout, r.stderr[-2000:]
+        resumed = [json.loads(x)["loss"] for x in (killed / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+        assert max(abs(a - b) for a, b in zip(resumed, losses["true"])) <= 1e-5 and len(resumed) == 4
+        assert max_adapter_diff(tmp_path / "true", killed) <= 1e-5
