@@ -44,6 +44,8 @@ class Grounding:
     k: int
     context_tokens: int
     extra: list = field(default_factory=list)  # retrieval.expand_with rows: index expansion only
+    train: list = field(default_factory=list)  # the training rows the index was built from
+    rows_cited: list = field(default_factory=list)  # cited passage ids of train + extra, in that order
 
     # ------------------------------------------------------------------ answering
     def retrieve(self, question: str) -> list[Hit]:
@@ -85,8 +87,10 @@ def build(cfg: RunConfig, train: list[Example], held_out: list[Example] = ()) ->
     corpus = load_corpus(corpus_paths(cfg))
     g = Grounding(corpus, None, r.k, r.context_tokens)
     g.extra = expansion_rows(cfg, held_out, corpus.report)
+    g.train = train
     rows = list(train) + g.extra
-    g.index = build_index(corpus, _expansions(g.cited(rows), rows) if r.expand else None, r.tokenizer)
+    g.rows_cited = g.cited(rows)  # ground_training reuses it for its folds
+    g.index = build_index(corpus, _expansions(g.rows_cited, rows) if r.expand else None, r.tokenizer)
     return g
 
 
@@ -139,7 +143,8 @@ def ground_training(g: Grounding, cfg: RunConfig, train: list[Example], tokenize
     rows and counts for the report."""
     r = cfg.retrieval
     rows = list(train) + g.extra
-    cited_rows = g.cited(rows)
+    # the citations `build` resolved for these very rows (resolving them again when called on other rows)
+    cited_rows = g.rows_cited if len(g.rows_cited) == len(rows) and train is g.train else g.cited(rows)
     cited = cited_rows[:len(train)]
     folds = []
     for f in range(FOLDS):  # index f holds the expansions of every training row outside fold f (and expand_with)
