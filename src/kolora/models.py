@@ -150,7 +150,19 @@ def convert_gguf(gguf: Path, out: Path, sha: str) -> None:
 
     The GGUF loader marks the model as quantized; it is plain float32 after dequantization,
     so the quantizer is dropped to make it serialisable. Written to a temp dir, then renamed,
-    so an interrupted conversion never leaves a half-written cache."""
+    so an interrupted conversion never leaves a half-written cache. A lock file makes a second
+    kolora process started meanwhile (two terminals, parallel tests) wait for this conversion
+    and use it instead of converting again and replacing the folder under the first one."""
+    from filelock import FileLock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.with_name(out.name + ".lock"))):
+        if _converted(out, sha):  # another process finished it while this one waited
+            return
+        _convert_locked(gguf, out, sha)
+
+
+def _convert_locked(gguf: Path, out: Path, sha: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"[kolora] converting {gguf.name} to safetensors (once; cached in {out}) …", flush=True)
