@@ -213,3 +213,43 @@ def test_validation_loss_batches_go_to_the_model_device():
     data = [Tokenized([5, 6, 7], [-100, 6, 7]), Tokenized([5, 6], [-100, 6])]
     assert evaluate_loss(probe, data, pad_id=0, batch_size=1, autocast=contextlib.nullcontext) == 0.5
     assert probe.seen == {"meta"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lora_inputs_stay_bf16_under_autocast_with_the_same_loss_and_gradients(tiny_models, arch):
+    """train skips peft's float32 copy of each LoRA input under bf16 autocast (the matmul casts it
+    back anyway): without dropout the loss and the adapter gradients are bit-identical; the LoRA
+    weights stay float32."""
+    from kolora.models import skip_lora_input_casts
+
+    src = ModelSource(arch, str(tiny_models[arch]), "local")
+    tok = load_tokenizer(src)
+    cfg = RunConfig()
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 4, 8, 0.0
+    exs = [Example("전세권이란?", "민법 제303조에 따른 권리입니다."), Example("보증금을 안 줘요", "주택임대차보호법 제3조의3을 보세요.")]
+    batch = collate([Tokenized(*encode_example(tok, e)) for e in exs], tok.pad_token_id)
+    results = []
+    for skip in (False, True):
+        torch.manual_seed(0)
+        model, _ = attach_lora(load_model(src, "bfloat16"), cfg)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05)
+        if skip:
+            assert skip_lora_input_casts(model) > 0
+        assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+        seen = set()
+        hooks = [m.register_forward_pre_hook(lambda _m, args: seen.add(args[0].dtype))
+                 for n, m in model.named_modules() if n.endswith("lora_A.default")]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = answer_loss_module(model)(**batch)
+        loss.backward()
+        for h in hooks:
+            h.remove()
+        assert seen == ({torch.bfloat16} if skip else {torch.float32})
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (cast_loss, cast_grads), (kept_loss, kept_grads) = results
+    assert torch.equal(cast_loss, kept_loss)
+    assert cast_grads.keys() == kept_grads.keys() and cast_grads
+    for n, g in cast_grads.items():
+        assert torch.equal(kept_grads[n], g), n  # bf16 -> float32 -> bf16 is exact
