@@ -409,21 +409,3 @@ def attach_lora(model, cfg):
                       fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2's Conv1D stores W transposed
                       bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora), targets
-
-
-def skip_lora_input_casts(model) -> int:
-    """Stop peft from copying every LoRA layer's input to the adapter's dtype; returns how many layers.
-
-    peft casts x to the LoRA weights' float32 before A·x. Under bf16 autocast that matmul casts it
-    straight back to bf16, so the float32 copy is pure memory traffic, once per projection (q, k
-    and v each copy the same input). Without it x stays bf16; the LoRA weights and the AdamW state
-    stay float32 (bf16 adapters would lose small late updates). bf16 -> float32 -> bf16 is exact,
-    so without dropout the forward is the same; with dropout its scaling rounds in bf16.
-    Only for bf16 autocast training, where the matmul casts anyway."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    for m in layers:
-        m.cast_input_dtype_enabled = False
-    return len(layers)
-

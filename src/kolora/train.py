@@ -45,7 +45,7 @@ from .generation import health_check
 from .grounding import corpus_paths
 from .interrupts import Faults, StopRequest
 from .loss import EVAL_BATCH_MIN, answer_loss_module, evaluate_loss
-from .models import ModelSource, attach_lora, load_model, load_tokenizer, resolve, skip_lora_input_casts
+from .models import ModelSource, attach_lora, load_model, load_tokenizer, resolve
 from .prompt import IGNORE
 from .report import ascii_chart, loss_series, read_metrics
 from .runs import Run, claim_output_dir, default_output_dir, open_run, remove_entries, truncate_metrics
@@ -327,9 +327,6 @@ def setup_model(t: Trainer) -> None:
         model.enable_input_require_grads()
     t.quantized = sum(1 for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
     model, t.targets = attach_lora(model, cfg)
-    if (t.precision.mixed == "bf16" and t.precision.weights == "bfloat16" and not cfg.lora.use_dora
-            and cfg.model.quantization == "none"):
-        skip_lora_input_casts(model)  # under bf16 autocast peft's float32 copies of x are cast straight back
     t.model = model
     t.n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     t.n_all = sum(p.numel() for p in model.parameters())
