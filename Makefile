@@ -26,7 +26,7 @@ demo: install
 	$(KOLORA) chat runs/demo --quick-test 3 --compare
 	$(KOLORA) eval runs/demo
 
-# Two workers per two cores (tests are mostly Python work; see tests/conftest.py for the schedule).
+# One pytest-xdist worker per core (tests are mostly Python work; tests/conftest.py has the schedule).
 PYTEST_WORKERS ?= auto
 test: install
 	$(PY) -m ruff check .

@@ -179,8 +179,7 @@ def _convert_locked(gguf: Path, out: Path, sha: str) -> None:
     (tmp / MARKER).write_text(json.dumps({"gguf": gguf.name, "gguf_sha256": sha,
                                           "converted_by": "kolora"}, indent=2))
     shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    os.replace(tmp, out)  # out.parent exists: convert_gguf made it for the lock file
     print(f"[kolora] converted in {time.time() - t0:.0f} s", flush=True)
 
 
