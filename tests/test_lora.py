@@ -213,3 +213,26 @@ def test_validation_loss_batches_go_to_the_model_device():
     data = [Tokenized([5, 6, 7], [-100, 6, 7]), Tokenized([5, 6], [-100, 6])]
     assert evaluate_loss(probe, data, pad_id=0, batch_size=1, autocast=contextlib.nullcontext) == 0.5
     assert probe.seen == {"meta"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_answer_losses_equal_one_example_at_a_time(tiny_models, arch):
+    """`kolora eval`'s per-answer perplexity: rows of different lengths batched with right padding
+    give each row the loss it gets alone, in the original order."""
+    from kolora.loss import answer_losses
+
+    torch.manual_seed(0)
+    tok, model, _, _ = setup(tiny_models[arch], arch)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    model.eval()
+    exs = [Example("전세권이란?", "민법 제303조에 따른 권리입니다."),
+           Example("임대차 기간을 정하지 않았으면 어떻게 되나요? 아주 길게 물어봅니다.", "2년으로 봅니다."),
+           Example("기간은?", "2년이고 보증금의 20분의 1을 넘지 못해요. 주택임대차보호법 제4조 제1항입니다.")]
+    alone = answer_losses(model, tok, RunConfig(), exs, batch_size=1)
+    batched = answer_losses(model, tok, RunConfig(), exs, batch_size=3)
+    assert [n for _, n in batched] == [n for _, n in alone] and all(n > 3 for _, n in alone)
+    assert len({round(loss, 3) for loss, _ in alone}) == 3  # three different answers, not one row repeated
+    for (a, _), (b, _) in zip(alone, batched):
+        assert abs(a - b) <= 1e-4 * abs(a), (a, b)

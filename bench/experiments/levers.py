@@ -24,7 +24,7 @@ def _head_chunk_rows(n: int):
     states computed in forward: kolora's default since it paid here (`kolora.train._head_ce`,
     256 rows); this lever changes the chunk size."""
     def patch():
-        import kolora.train as t
+        import kolora.loss as t
 
         t.HEAD_CHUNK_ROWS = n
     return patch
@@ -93,6 +93,18 @@ def _sdpa_math():
 
     sdpa_kernel(SDPBackend.MATH).__enter__()
 
+def _trim_every(n: int):
+    """malloc_trim after every n-th optimizer step instead of every one (0: never)."""
+    def patch():
+        import kolora.device as d
+        import kolora.train as t
+
+        if n:
+            d.TRIM_EVERY = n
+        else:
+            t.heap_trimmer = lambda every=None: (lambda: None)
+    return patch
+
 
 LEVERS = {
     "pad1": _pad_multiple(1),
@@ -106,6 +118,9 @@ LEVERS = {
     "mkldnn-off": _mkldnn_off,
     "fp32-matmul-as-bf16": _no_tf32_like_bf16_fp32_matmul,
     "sdpa-math": _sdpa_math,
+    "trim-every-4": _trim_every(4),
+    "trim-every-16": _trim_every(16),
+    "no-trim": _trim_every(0),
 }
 
 

@@ -283,7 +283,8 @@ def add_arguments(p) -> None:
     p.add_argument("--against", metavar="RUN2",
                    help="compare RUN (as 'tuned') with another run or merged model RUN2 (as 'base')")
     p.add_argument("--out", metavar="DIR", help="output directory (default RUN/eval, RUN/eval-vs-RUN2 with --against)")
-    p.add_argument("--batch-size", type=int, default=8, help="questions generated together")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="questions answered together (decoding reads every weight once per token for the whole batch)")
     add_gen_flags(p, GEN_DEFAULTS, {
         "--max-new-tokens": "token budget per answer; an answer that has not ended with EOS by then counts as not stopping",
         "--temperature": "0 = greedy (default, deterministic)",

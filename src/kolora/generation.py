@@ -98,9 +98,31 @@ class Generation:
     stopped: bool  # ended with EOS within max_new_tokens (False: cut off by the token budget)
 
 
+def contiguous_head_input(model) -> None:
+    """Make the output layer's input contiguous (once per model).
+
+    At the prompt's forward pass transformers hands the output layer the last position as a
+    strided view (`hidden[:, -1:, :]`). torch.matmul cannot fold a strided 3-D input into one
+    matrix product, so it expands the weight to the batch and multiplies batch by batch: for
+    Gemma-3's 262k-row output layer a copy of ~335 MB per prompt in the batch (measured:
+    9.5 s of an 18 s prefill of 8 grounded prompts on 2 cores). A contiguous copy of the
+    (batch × 1 × hidden) input is a plain matrix product: the same numbers, none of the copies."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "_kolora_contiguous", False):
+        return
+
+    def contiguous(_module, args):
+        return (args[0].contiguous(), *args[1:]) if args and not args[0].is_contiguous() else None
+
+    head.register_forward_pre_hook(contiguous)
+    head._kolora_contiguous = True
+
+
 def generate_details(model, tokenizer, prompts: list[list[int]], gen: GenConfig, streamer=None) -> tuple[list[Generation], dict]:
     """Batched generation (left-padded prompts, KV cache): per-row text, length and whether it stopped."""
     import torch
+
+    contiguous_head_input(model)
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompts)

@@ -97,25 +97,31 @@ def answer_loss_module(peft_model):
             self.chunked = (type(self.head) is torch.nn.Linear and weight is not None and weight.dim() == 2
                             and weight.is_floating_point() and not weight.requires_grad)
 
-        def forward(self, input_ids, attention_mask, labels, weights=None):
+        def forward(self, input_ids, attention_mask, labels, weights=None, per_row=False):
             hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
             # position t predicts token t+1
             targets = labels[:, 1:]
             keep = targets != IGNORE
+            if per_row:  # [(CE sum, answer tokens)] per row, unweighted (no gradient wanted)
+                return [(self.cross_entropy(hidden[i, :-1][keep[i]], targets[i][keep[i]], None)[1], keep[i].sum())
+                        for i in range(hidden.shape[0])]
             h, wanted = hidden[:, :-1][keep], targets[keep]
             token_weight = weights[:, 1:][keep].float() if weights is not None else None
-            if self.chunked:
-                total, plain = head_ce.apply(h, self.head.weight, self.head.bias, wanted, self.softcap, token_weight)
-            else:
-                logits = self.head(h).float()
-                if self.softcap:
-                    logits = torch.tanh(logits / self.softcap) * self.softcap
-                ce = torch.nn.functional.cross_entropy(logits, wanted, reduction="none")
-                plain = ce.sum()
-                total = (ce * token_weight).sum() if token_weight is not None else plain
+            total, plain = self.cross_entropy(h, wanted, token_weight)
             if token_weight is None:
                 return total, keep.sum()
             return total, keep.sum(), plain.detach()
+
+        def cross_entropy(self, h, wanted, token_weight):
+            """(Σ token_weight × CE, Σ CE) over the rows of `h` (answer positions only)."""
+            if self.chunked:
+                return head_ce.apply(h, self.head.weight, self.head.bias, wanted, self.softcap, token_weight)
+            logits = self.head(h).float()
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            ce = torch.nn.functional.cross_entropy(logits, wanted, reduction="none")
+            plain = ce.sum()
+            return ((ce * token_weight).sum() if token_weight is not None else plain), plain
 
     return AnswerLoss(peft_model)
 
@@ -141,19 +147,25 @@ def evaluate_loss(loss_model, data: list[Tokenized], pad_id: int, batch_size: in
     return total / max(count, 1)
 
 
-def answer_losses(model, tokenizer, cfg, examples, progress=None) -> list[tuple[float, int]]:
-    """Teacher-forced (summed CE, token count) over each answer + EOS, one example at a time
-    (per-answer figures are wanted; the output layer runs on answer positions only)."""
+def answer_losses(model, tokenizer, cfg, examples, progress=None,
+                  batch_size: int = EVAL_BATCH_MIN) -> list[tuple[float, int]]:
+    """Teacher-forced (summed CE, token count) over each answer + EOS, per example, computed
+    `batch_size` rows at a time in length order (right padding leaves every row's causal
+    attention unchanged; the output layer runs on answer positions only)."""
     import torch
 
     loss_model = answer_loss_module(model)
-    out = []
+    encoded = [Tokenized(*encode_example(tokenizer, ex, cfg.data.system_prompt, cfg.data.template))
+               for ex in examples]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    out: list = [None] * len(encoded)
     device = next(model.parameters()).device
     with torch.no_grad(), autocast_for(model):
-        for ex in examples:
-            ids, labels = encode_example(tokenizer, ex, cfg.data.system_prompt, cfg.data.template)
-            loss_sum, n = loss_model(**collate([Tokenized(ids, labels)], tokenizer.pad_token_id, device=device))
-            out.append((float(loss_sum), int(n)))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = collate([encoded[i] for i in rows], tokenizer.pad_token_id, device=device)
+            for i, (loss_sum, n) in zip(rows, loss_model(**batch, per_row=True)):
+                out[i] = (float(loss_sum), int(n))
             if progress:
-                progress.update(1)
+                progress.update(len(rows))
     return out

@@ -424,8 +424,10 @@ def open_logs(t: Trainer) -> None:
 def fit(t: Trainer) -> None:
     cfg, state, acc = t.cfg, t.state, t.accelerator
     has_eval = bool(t.tokenized["validation"])
-    if state["step"] == 0 and state["window_pos"] == 0 and has_eval:
-        state["best_val"] = t.run_eval(0)  # LoRA B starts at 0: this is the base model's loss
+    # Step 0's validation loss is the base model's (LoRA B starts at 0): the baseline the periodic
+    # evaluations compare with. Without them (eval_every 0) the test split's base loss says the same.
+    if state["step"] == 0 and state["window_pos"] == 0 and has_eval and cfg.train.eval_every:
+        state["best_val"] = t.run_eval(0)
         t.say(f"step 0 validation loss {state['best_val']:.4f} (= base model)")
     from tqdm.auto import tqdm
 
