@@ -55,17 +55,23 @@ def load_plan(run_dir: Path, steps: int) -> tuple[Plan, object, object]:
     """Rebuild kolora's training rows and micro-batch order from its run directory.
 
     Returns (plan, run config, tokenizer)."""
-    from kolora.batching import LengthGroupedBatches, Tokenized
+    from kolora import grounding
+    from kolora.batching import LengthGroupedBatches, tokenize_split
     from kolora.data import read_jsonl
     from kolora.models import load_tokenizer, resolve
-    from kolora.prompt import encode_example
     from kolora.runs import Run
 
     run = Run(Path(run_dir))
     cfg = run.config()
     tokenizer = load_tokenizer(resolve(cfg.model.name), cfg.model.trust_remote_code)
-    examples = read_jsonl(run.split("train"))
-    rows = [Tokenized(*encode_example(tokenizer, ex, cfg.data.system_prompt, cfg.data.template)) for ex in examples]
+    examples = read_jsonl(run.split("train"))  # the rows as the user wrote them (no passages)
+    if grounding.corpus_paths(cfg):
+        # A grounded run trained on its rows with retrieved passages: rebuild them as kolora's
+        # train.ground_splits does (same index, same per-row oracle draws), or both trainers
+        # would be timed on prompts a third as long as kolora's.
+        held_out = [ex for name in ("validation", "test") if run.split(name).is_file() for ex in read_jsonl(run.split(name))]
+        examples, _ = grounding.ground_training(grounding.build(cfg, examples, held_out), cfg, examples, tokenizer)
+    rows, _, _ = tokenize_split(tokenizer, examples, cfg)  # drops over-long rows, as kolora did
     sampler = LengthGroupedBatches([len(r.input_ids) for r in rows], cfg.train.batch_size, cfg.train.seed)
     needed = steps * cfg.train.grad_accum
     batches, epoch = [], 0

@@ -8,6 +8,7 @@ import re
 import pytest
 from conftest import DATA, TINY_TRAIN, run_cli
 
+from kolora.data import Example
 from kolora.evaluate import regression_order
 from kolora.facts import extract_facts, fact_recall, statute_refs, won
 from kolora.html_report import render_report
@@ -378,3 +379,17 @@ def test_fact_spans_cover_exactly_what_fact_recall_reads():
     inside = " ".join(text[a:b] for a, b in spans)
     assert extract_facts(inside) == extract_facts(text)
     assert fact_spans("전세권은 물권이에요.") == []
+
+
+def test_the_default_answer_budget_follows_the_longest_reference(tiny_models):
+    from transformers import AutoTokenizer
+
+    from kolora.evaluate import answer_budget
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    short = [Example("q", "2년"), Example("q", "네")]
+    assert answer_budget(tok, short) == 64  # never below 64
+    answer = "민법 제312조 제1항에 따라 전세권의 존속기간은 10년을 넘지 못해요. " * 3
+    n = len(tok(answer, add_special_tokens=False).input_ids)
+    assert 64 < answer_budget(tok, short + [Example("q", answer)]) == -(-3 * (n + 1) // 2) <= 256
+    assert answer_budget(tok, [Example("q", answer * 20)]) == 256  # never above eval's old fixed budget

@@ -74,6 +74,7 @@ class Plan:
     cfg: object = None  # the evaluated run's config: its lr and epochs go into the warnings
     grounding: object = None  # grounding.Grounding of a grounded run (its saved index)
     hits: list = field(default_factory=list)  # retrieved passages per question
+    tokenizer: Path | None = None  # the run's tokenizer (the answer budget counts reference tokens with it)
     retrieval: dict | None = None  # recall@k of the cited article on these questions
 
 
@@ -264,7 +265,7 @@ def make_plan(args) -> Plan:
         default_out = target / "eval"
     examples, source = load_eval_examples(run, args.data, args.split, args.max_samples)
     plan = Plan(str(target), examples, source, Path(args.out) if args.out else default_out, sides,
-                read_metrics(run.metrics), run.config(), found)
+                read_metrics(run.metrics), run.config(), found, tokenizer=run.tokenizer)
     if found is not None:
         plan.hits = [found.retrieve(ex.question) for ex in examples]
         plan.retrieval = found.recall(examples)
@@ -286,9 +287,11 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=32,
                    help="questions answered together (decoding reads every weight once per token for the whole batch)")
     add_gen_flags(p, GEN_DEFAULTS, {
-        "--max-new-tokens": "token budget per answer; an answer that has not ended with EOS by then counts as not stopping",
+        "--max-new-tokens": "token budget per answer (default: 1.5 × the longest reference answer, 64–256); an "
+                            "answer that has not ended with EOS by then counts as not stopping",
         "--temperature": "0 = greedy (default, deterministic)",
         "--repetition-penalty": "1.0 (default) measures the model as it is; chat's 1.1 would hide loops"})
+    p.set_defaults(max_new_tokens=None)  # from the references (answer_budget)
     p.add_argument("--no-retrieval", action="store_true",
                    help="a grounded run answers without its retrieved passages (the ungrounded answer, for comparison)")
     p.add_argument("--four-way", action="store_true",
@@ -299,6 +302,17 @@ def add_arguments(p) -> None:
 
 
 GEN_DEFAULTS = GenConfig(max_new_tokens=256, repetition_penalty=1.0)  # measure the model as it is
+
+
+def answer_budget(tokenizer, examples) -> int:
+    """The default --max-new-tokens: 1.5 × the longest reference answer (+ EOS), within 64–256.
+
+    A batch decodes until its last row stops, and an untuned base model rarely stops, so the
+    budget is most of eval's time. Half again the longest reference leaves room for a wordier
+    right answer; an answer past it is a loop or a model that never learned to stop (the bundled
+    QA: longest answer 135 tokens, budget 204)."""
+    longest = max((len(tokenizer(ex.answer, add_special_tokens=False).input_ids) for ex in examples), default=0)
+    return max(64, min(GEN_DEFAULTS.max_new_tokens, math.ceil(1.5 * (longest + 1))))
 
 
 def base_cache_file(side: Side, plan: Plan, gen, batch_size: int) -> Path | None:
@@ -516,6 +530,10 @@ def run(args) -> int:
         raise KoloraError("--max-new-tokens and --batch-size must be at least 1")
     gen = gen_config(args, GEN_DEFAULTS)
     plan = make_plan(args)
+    if args.max_new_tokens is None:
+        from transformers import AutoTokenizer
+
+        gen.max_new_tokens = answer_budget(AutoTokenizer.from_pretrained(plan.tokenizer), plan.examples)
     t0 = time.time()
     metrics, samples = evaluate(plan, gen, args.batch_size, use_cache=not args.no_cache)
     metrics["timing"]["total_s"] = round(time.time() - t0, 1)
