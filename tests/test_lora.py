@@ -1,7 +1,5 @@
 """LoRA invariants, checked directly on tiny models of every architecture (as peft's own tests do)."""
 
-import contextlib
-
 import pytest
 import torch
 from conftest import ARCHS
@@ -239,45 +237,3 @@ def test_batched_answer_losses_equal_one_example_at_a_time(tiny_models, arch):
     for (a, _), (b, _) in zip(alone, batched):
         assert abs(a - b) <= 1e-4 * abs(a), (a, b)
 
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_lora_inputs_stay_bf16_under_autocast_with_the_same_loss_and_gradients(tiny_models, arch):
-    """train's loop skips peft's float32 copy of each LoRA input under bf16 autocast (the matmul
-    casts it back anyway): without dropout the loss and the adapter gradients are bit-identical;
-    the LoRA weights stay float32; outside the loop the casts are back (evaluation without
-    autocast still works)."""
-    from kolora.models import lora_inputs_uncast
-
-    src = ModelSource(arch, str(tiny_models[arch]), "local")
-    tok = load_tokenizer(src)
-    cfg = RunConfig()
-    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 4, 8, 0.0
-    exs = [Example("전세권이란?", "민법 제303조에 따른 권리입니다."), Example("보증금을 안 줘요", "주택임대차보호법 제3조의3을 보세요.")]
-    batch = collate([Tokenized(*encode_example(tok, e)) for e in exs], tok.pad_token_id)
-    results = []
-    for uncast in (False, True):
-        torch.manual_seed(0)
-        model, _ = attach_lora(load_model(src, "bfloat16"), cfg)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.05)
-        assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
-        seen = set()
-        hooks = [m.register_forward_pre_hook(lambda _m, args: seen.add(args[0].dtype))
-                 for n, m in model.named_modules() if n.endswith("lora_A.default")]
-        with lora_inputs_uncast(model) if uncast else contextlib.nullcontext() as changed:
-            assert not uncast or changed > 0
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss, _ = answer_loss_module(model)(**batch)
-            loss.backward()
-        assert seen == ({torch.bfloat16} if uncast else {torch.float32})
-        for h in hooks:
-            h.remove()
-        with torch.no_grad():  # the casts are back: no autocast needed
-            answer_loss_module(model)(**batch)
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
-    (cast_loss, cast_grads), (kept_loss, kept_grads) = results
-    assert torch.equal(cast_loss, kept_loss)
-    assert cast_grads.keys() == kept_grads.keys() and cast_grads
-    for n, g in cast_grads.items():
-        assert torch.equal(kept_grads[n], g), n  # bf16 -> float32 -> bf16 is exact

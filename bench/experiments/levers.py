@@ -106,13 +106,6 @@ def _trim_every(n: int):
     return patch
 
 
-def _lora_input_casts():
-    """peft's float32 copy of every LoRA input during training (kolora skips it under bf16)."""
-    import kolora.train as t
-
-    t.BF16_LORA_INPUTS = False
-
-
 LEVERS = {
     "pad1": _pad_multiple(1),
     "pad8": _pad_multiple(8),
@@ -128,7 +121,6 @@ LEVERS = {
     "trim-every-4": _trim_every(4),
     "trim-every-16": _trim_every(16),
     "no-trim": _trim_every(0),
-    "lora-input-casts": _lora_input_casts,
 }
 
 

@@ -4,7 +4,6 @@ Also: LoRA target modules per architecture, and `kolora inspect`."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -409,26 +408,3 @@ def attach_lora(model, cfg):
                       fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2's Conv1D stores W transposed
                       bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora), targets
-
-
-@contextlib.contextmanager
-def lora_inputs_uncast(model):
-    """While inside: peft does not copy each LoRA layer's input to the adapter's float32.
-
-    For training under bf16 autocast only. There the A·x matmul casts that float32 copy straight
-    back to bf16, so the copy is pure memory traffic, once per projection (q, k and v each copy
-    the same input). bf16 -> float32 -> bf16 is exact, so without dropout the loss and gradients
-    are bit-identical (tests/test_lora.py); with dropout its scaling rounds in bf16. The LoRA
-    weights and the AdamW state stay float32 (bf16 adapters would lose small late updates).
-    Outside (evaluation, the health check's generation, chat) the casts are back, so float32
-    adapters never see a bf16 input without autocast. Yields how many layers it changed."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and getattr(m, "cast_input_dtype_enabled", False)]
-    for m in layers:
-        m.cast_input_dtype_enabled = False
-    try:
-        yield len(layers)
-    finally:
-        for m in layers:
-            m.cast_input_dtype_enabled = True

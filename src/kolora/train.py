@@ -45,7 +45,7 @@ from .generation import health_check
 from .grounding import corpus_paths
 from .interrupts import Faults, StopRequest
 from .loss import EVAL_BATCH_MIN, answer_loss_module, evaluate_loss
-from .models import ModelSource, attach_lora, load_model, load_tokenizer, lora_inputs_uncast, resolve
+from .models import ModelSource, attach_lora, load_model, load_tokenizer, resolve
 from .prompt import IGNORE
 from .report import ascii_chart, loss_series, read_metrics
 from .runs import Run, claim_output_dir, default_output_dir, open_run, remove_entries, truncate_metrics
@@ -421,9 +421,6 @@ def open_logs(t: Trainer) -> None:
 
 
 # --------------------------------------------------------------------------- 5. the loop
-BF16_LORA_INPUTS = True  # bench lever `lora-input-casts` turns it off to measure it
-
-
 def fit(t: Trainer) -> None:
     cfg, state, acc = t.cfg, t.state, t.accelerator
     has_eval = bool(t.tokenized["validation"])
@@ -446,38 +443,32 @@ def fit(t: Trainer) -> None:
     meter = _Meter(time.time(), state["tokens"], state["answer_tokens"])
     t_start = time.time()
     t.stop.armed = True
-    # Under bf16 autocast with bf16 frozen weights peft's float32 copies of the LoRA inputs are
-    # cast straight back: skip them for the loop (kolora.models.lora_inputs_uncast).
-    uncast = (BF16_LORA_INPUTS and t.precision.mixed == "bf16" and t.precision.weights == "bfloat16"
-              and not cfg.lora.use_dora and cfg.model.quantization == "none")
-    casts = lora_inputs_uncast(t.model) if uncast else contextlib.nullcontext()
     try:
-        with casts:
-            while state["step"] < t.total_steps:
-                # A whole window is fetched first: its answer-token count weights every micro-batch.
-                window = [next(batches) for _ in range(cfg.train.grad_accum)]
-                step_loss = accumulate(t, window)
-                grad_norm, finite = apply_update(t, step_loss, bar)
-                trim_heap()
-                state["step"] += 1
-                if finite:
-                    meter.losses.append(step_loss)
-                step = state["step"]
-                t.faults("step", step)
-                if (step % cfg.train.log_every == 0 or step == t.total_steps) and meter.losses:
-                    log_progress(t, meter, grad_norm, micro_batches, t_start, bar)
-                bar.update(1)
+        while state["step"] < t.total_steps:
+            # A whole window is fetched first: its answer-token count weights every micro-batch.
+            window = [next(batches) for _ in range(cfg.train.grad_accum)]
+            step_loss = accumulate(t, window)
+            grad_norm, finite = apply_update(t, step_loss, bar)
+            trim_heap()
+            state["step"] += 1
+            if finite:
+                meter.losses.append(step_loss)
+            step = state["step"]
+            t.faults("step", step)
+            if (step % cfg.train.log_every == 0 or step == t.total_steps) and meter.losses:
+                log_progress(t, meter, grad_norm, micro_batches, t_start, bar)
+            bar.update(1)
 
-                if has_eval and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < t.total_steps:
-                    if not evaluate_and_decide(t, step, bar):
-                        break
-                    if state["bad_evals"] == 0 and not (cfg.train.save_every and step % cfg.train.save_every == 0):
-                        t.save(step)  # a new best: its checkpoint is what adapter/ gets if later ones are worse
-                if cfg.train.save_every and step % cfg.train.save_every == 0 and step < t.total_steps:
-                    t.save(step)
-                if _stop_agreed(t.stop, acc) and step < t.total_steps:
-                    t.save(step)
-                    raise _stopped(t.stop, t.run, state, inside=False)
+            if has_eval and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < t.total_steps:
+                if not evaluate_and_decide(t, step, bar):
+                    break
+                if state["bad_evals"] == 0 and not (cfg.train.save_every and step % cfg.train.save_every == 0):
+                    t.save(step)  # a new best: its checkpoint is what adapter/ gets if later ones are worse
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < t.total_steps:
+                t.save(step)
+            if _stop_agreed(t.stop, acc) and step < t.total_steps:
+                t.save(step)
+                raise _stopped(t.stop, t.run, state, inside=False)
     except Exception as e:
         if is_oom(e):
             raise out_of_memory_error(cfg, state["step"] + 1, acc.device) from None
