@@ -102,7 +102,7 @@ def _trim_every(n: int):
         if n:
             d.TRIM_EVERY = n
         else:
-            t.heap_trimmer = lambda every=None: (lambda: None)
+            t.heap_trimmer = lambda: (lambda: None)
     return patch
 
 

@@ -122,16 +122,17 @@ def is_oom(e: BaseException) -> bool:
 TRIM_EVERY = 1  # optimizer steps between two malloc_trim calls (bench lever trim-every-N)
 
 
-def heap_trimmer(every: int | None = None):
+def heap_trimmer():
     """A function that hands freed heap memory back to the OS (glibc's malloc_trim) on every
-    `every`-th call (default TRIM_EVERY), or a no-op.
+    TRIM_EVERY-th call, or a no-op.
 
     Every micro-batch has another shape, so glibc's heap fills with free holes that no later
     request fits: on the gemma3-270m demo resident memory crept from 2.6 to 4.2 GB over 174
     steps while live memory stayed flat. Trimming once per optimizer step slows that creep (peak
     3.56 GB at step 175 and 3.67 GB at step 290 of a 5-epoch run, against 4.23 GB at step 174
     without). The call takes ~0.1 ms, but the next step faults its pages in again: steady-state
-    tokens/s measured ~13% lower (every N steps would cost less; not measured yet)."""
+    tokens/s measured ~13% lower. Every 16 steps was measured on the grounded demo preset (AMD EPYC):
+    +5.8% tokens/s but +536 MB peak RSS, so every step stays (bench/HISTORY.md)."""
     import ctypes
     import ctypes.util
     import itertools
@@ -145,9 +146,8 @@ def heap_trimmer(every: int | None = None):
     except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
         return lambda: None
     trim.argtypes = [ctypes.c_size_t]
-    every = max(1, every or TRIM_EVERY)
     calls = itertools.count(1)
-    return lambda: trim(0) if next(calls) % every == 0 else None
+    return lambda: trim(0) if next(calls) % TRIM_EVERY == 0 else None
 
 
 # --------------------------------------------------------------------------- torch.compile

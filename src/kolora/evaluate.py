@@ -309,8 +309,8 @@ def answer_budget(tokenizer, examples) -> int:
 
     A batch decodes until its last row stops, and an untuned base model rarely stops, so the
     budget is most of eval's time. Half again the longest reference leaves room for a wordier
-    right answer; an answer past it is a loop or a model that never learned to stop (the bundled
-    QA: longest answer 135 tokens, budget 204)."""
+    right answer; an answer past it is a loop or a model that never learned to stop (the demo's
+    57 test questions: longest reference 106 tokens, budget 161)."""
     longest = max((len(tokenizer(ex.answer, add_special_tokens=False).input_ids) for ex in examples), default=0)
     return max(64, min(GEN_DEFAULTS.max_new_tokens, math.ceil(1.5 * (longest + 1))))
 
