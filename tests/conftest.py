@@ -63,8 +63,10 @@ def corpus() -> list[str]:
     return texts
 
 
-def make_tokenizer(chat_template: bool = False):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def make_tokenizer(chat_template: bool = False, bos: bool = False):
+    """The tiny byte-level BPE tokenizer of the tests; `bos` makes it put <s> before every text,
+    as Gemma's and Llama's tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
@@ -74,6 +76,9 @@ def make_tokenizer(chat_template: bool = False):
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus(), trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>")
     if chat_template:
@@ -102,12 +107,12 @@ def make_config(arch: str, vocab: int):
     raise ValueError(arch)
 
 
-def build_tiny(path: Path, arch: str, chat_template: bool = False) -> Path:
+def build_tiny(path: Path, arch: str, chat_template: bool = False, bos: bool = False) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    tok = make_tokenizer(chat_template)
+    tok = make_tokenizer(chat_template, bos)
     model = AutoModelForCausalLM.from_config(make_config(arch, len(tok)))
     model.save_pretrained(path)
     tok.save_pretrained(path)

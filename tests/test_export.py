@@ -19,9 +19,16 @@ SYSTEM = "당신은 한국 민법 상담 도우미입니다. 근거 조문을 �
 HISTORY = [{"role": "user", "content": "전세권이란?"}, {"role": "assistant", "content": "전세금을 지급하고 쓰는 권리입니다."}]
 
 
+PASSAGES = "[민법 제312조 (전세권의 존속기간)] ① 전세권의 존속기간은 10년을 넘지 못한다."
+
+
 def conversations():
+    """Every branch of a template: plain, own system prompt, history, and a grounded question (its
+    retrieved passages travel in the user message)."""
     return [Example("전세권의 존속기간은?", ""), Example("보증금은?", "", system="짧게 답하세요."),
-            Example("갱신은요?", "", history=HISTORY), Example("갱신은요?", "", history=HISTORY, system="짧게.")]
+            Example("갱신은요?", "", history=HISTORY), Example("갱신은요?", "", history=HISTORY, system="짧게."),
+            Example("전세권의 존속기간은?", "", context=PASSAGES),
+            Example("최대 몇 년?", "", history=HISTORY, system="짧게.", context=PASSAGES)]
 
 
 def config(system_prompt=None, template="auto") -> RunConfig:
@@ -61,6 +68,45 @@ def test_fallback_jinja_renders_the_training_prompt(system_prompt):
         got = exported.apply_chat_template(ex.messages_of(conv), tokenize=False, add_generation_prompt=True)
         assert got == want
     ex.check_template(plain, exported, cfg, conversations())  # the export's own guard agrees
+
+
+@pytest.mark.parametrize("chat_template", [False, True])
+@pytest.mark.parametrize("bos", [False, True])
+@pytest.mark.parametrize("system_prompt", [None, SYSTEM])
+def test_every_client_gets_the_training_ids_with_one_bos(chat_template, bos, system_prompt):
+    """Training's prompt ids (BOS included) from the exported template, as transformers,
+    llama-cpp-python's chat completion, llama-server --jinja and Ollama each tokenize it. A
+    tokenizer that adds BOS (Gemma, Llama) gets `{{ bos_token }}` at the template's start: the
+    demo export answered "주택: 주택" in llama-cpp-python without it."""
+    tok = make_tokenizer(chat_template=chat_template, bos=bos)
+    cfg = config(system_prompt)
+    kind, template = ex.export_template(tok, cfg)
+    with_bos = ex.training_bos(tok, cfg)
+    assert with_bos == (bos and not chat_template)  # a chat template renders its own specials
+    assert template.startswith("{{ bos_token }}") == with_bos
+    exported = make_tokenizer(chat_template=chat_template, bos=bos)
+    exported.chat_template = template
+    ex.check_template(tok, exported, cfg, conversations())
+    meta = {"chat_template": template, "bos_id": tok.bos_token_id, "add_bos": with_bos}
+    for conv in conversations():
+        want = encode_prompt(tok, conv, cfg.data.system_prompt, cfg.data.template)
+        assert want.count(tok.bos_token_id) == int(with_bos) and (want[0] == tok.bos_token_id) == with_bos
+        clients = ex.client_prompt_ids(meta, exported, conv)
+        assert sorted(clients) == ["llama-cpp-python", "llama-server", "ollama", "transformers"]
+        for client, ids in clients.items():
+            assert ids == want, client
+
+
+def test_a_gguf_that_adds_bos_where_training_did_not_is_caught():
+    """llama-server and Ollama add BOS when the GGUF says so; the round trip's client ids see it."""
+    tok = make_tokenizer(chat_template=True)
+    cfg = config()
+    _, template = ex.export_template(tok, cfg)
+    conv = conversations()[0]
+    clients = ex.client_prompt_ids({"chat_template": template, "bos_id": tok.bos_token_id, "add_bos": True}, tok, conv)
+    want = encode_prompt(tok, conv)
+    assert clients["llama-cpp-python"] == want and clients["transformers"] == want
+    assert clients["llama-server"] == clients["ollama"] == [tok.bos_token_id] + want
 
 
 def test_template_fallback_forced_on_a_chat_model():
@@ -153,7 +199,7 @@ func main() {
 
 def parse_modelfile(text: str) -> dict:
     """TEMPLATE / SYSTEM values and stop parameters of a Modelfile."""
-    out: dict = {"stop": []}
+    out: dict = {"stop": [], "parameters": {}}
     for key in ("TEMPLATE", "SYSTEM"):
         start = text.find(f'{key} """')
         if start >= 0:
@@ -162,6 +208,9 @@ def parse_modelfile(text: str) -> dict:
     for line in text.splitlines():
         if line.startswith("PARAMETER stop "):
             out["stop"].append(json.loads(line[len("PARAMETER stop "):]))
+        elif line.startswith("PARAMETER "):
+            _, key, value = line.split(" ", 2)
+            out["parameters"][key] = value
     return out
 
 
@@ -180,6 +229,12 @@ def test_modelfile_template_renders_the_training_prompt_in_go(tmp_path, chat_tem
     text, _ = ex.modelfile("m.gguf", kind, tok, cfg, GenConfig())
     parsed = parse_modelfile(text)
     assert tok.eos_token in parsed["stop"]
+    # sampling as `kolora chat` answers; Ollama's own default repeat_penalty (1.1) would change answers
+    chat = GenConfig()
+    assert {k: float(v) for k, v in parsed["parameters"].items()} == {
+        "temperature": chat.temperature, "top_p": chat.top_p, "repeat_penalty": chat.repetition_penalty,
+        "num_predict": chat.max_new_tokens}
+    assert chat.repetition_penalty == 1.0
     cases = [{"Template": parsed["TEMPLATE"], "System": parsed.get("SYSTEM", ""),
               "Messages": [{"Role": m["role"], "Content": m["content"]} for m in ex.messages_of(conv)]}
              for conv in conversations()]

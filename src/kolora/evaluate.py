@@ -290,7 +290,7 @@ def add_arguments(p) -> None:
         "--max-new-tokens": "token budget per answer (default: 1.5 × the longest reference answer, 64–256); an "
                             "answer that has not ended with EOS by then counts as not stopping",
         "--temperature": "0 = greedy (default, deterministic)",
-        "--repetition-penalty": "1.0 (default) measures the model as it is; chat's 1.1 would hide loops"})
+        "--repetition-penalty": "1.0 (default, as chat) measures the model as it is; a penalty would hide loops"})
     p.set_defaults(max_new_tokens=None)  # from the references (answer_budget)
     p.add_argument("--no-retrieval", action="store_true",
                    help="a grounded run answers without its retrieved passages (the ungrounded answer, for comparison)")

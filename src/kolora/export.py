@@ -78,10 +78,11 @@ def fallback_jinja(default_system: str | None) -> str:
     """Jinja equivalent of kolora's fallback prompt (`kolora.prompt.render_prompt` without a template).
 
     Every piece of output is a string expression and every tag trims whitespace, so the template's
-    own line breaks never reach the prompt."""
-    from .prompt import A_MARK, Q_MARK
+    own line breaks never reach the prompt. A user message that starts with the passages marker
+    (`prompt.user_text` of a grounded question: passages, then `### 질문:`) is written as it is."""
+    from .prompt import A_MARK, CONTEXT_MARK, Q_MARK
 
-    q, a = _literal(Q_MARK + "\n"), _literal(A_MARK + "\n")
+    q, a, ctx = _literal(Q_MARK + "\n"), _literal(A_MARK + "\n"), _literal(CONTEXT_MARK)
     return (
         "{%- set ns = namespace(system=" + _literal(default_system) + ") -%}\n"
         "{%- if messages and messages[0]['role'] == 'system' and messages[0]['content'] -%}\n"
@@ -89,7 +90,8 @@ def fallback_jinja(default_system: str | None) -> str:
         "{%- endif -%}\n"
         "{%- if ns.system -%}{{ ns.system + '\\n\\n' }}{%- endif -%}\n"
         "{%- for m in messages -%}\n"
-        "  {%- if m['role'] == 'user' -%}{{ " + q + " + m['content'] + '\\n\\n' }}\n"
+        "  {%- if m['role'] == 'user' and m['content'].startswith(" + ctx + ") -%}{{ m['content'] + '\\n\\n' }}\n"
+        "  {%- elif m['role'] == 'user' -%}{{ " + q + " + m['content'] + '\\n\\n' }}\n"
         "  {%- elif m['role'] == 'assistant' -%}{{ " + a + " + m['content'] + '\\n\\n' }}\n"
         "  {%- endif -%}\n"
         "{%- endfor -%}\n"
@@ -105,15 +107,37 @@ def with_default_system(template: str, system: str) -> str:
             "{%- endif -%}\n" + template)
 
 
+def training_bos(run_tokenizer, cfg) -> bool:
+    """Whether training put the tokenizer's BOS first in every prompt (Gemma, Llama: yes; GPT-2,
+    ChatML models: no). Every client of the export must then give exactly one BOS too."""
+    from .data import Example
+    from .prompt import encode_prompt
+
+    ids = encode_prompt(run_tokenizer, Example("질문", ""), cfg.data.system_prompt, cfg.data.template)
+    return run_tokenizer.bos_token_id is not None and ids[:1] == [run_tokenizer.bos_token_id]
+
+
 def export_template(run_tokenizer, cfg) -> tuple[str, str]:
-    """(kind, Jinja template) reproducing the prompts the run was trained on."""
-    from .prompt import uses_chat_template
+    """(kind, Jinja template) reproducing the prompts the run was trained on, BOS included.
+
+    Where training began each prompt with BOS and the template does not write it, the template
+    starts with `{{ bos_token }}`, as Gemma's own template does: llama-cpp-python's chat
+    completion tokenizes a rendered template without adding BOS (the template is trusted to
+    place special tokens), llama-server strips a leading BOS from the rendering when the GGUF
+    adds its own, and transformers' apply_chat_template adds none either; so each ends with one."""
+    from .data import Example
+    from .prompt import render_prompt, uses_chat_template
 
     system = cfg.data.system_prompt
     if uses_chat_template(run_tokenizer, cfg.data.template):
         template = run_tokenizer.chat_template
-        return "model", with_default_system(template, system) if system else template
-    return "kolora-fallback", fallback_jinja(system)
+        kind, template = "model", with_default_system(template, system) if system else template
+    else:
+        kind, template = "kolora-fallback", fallback_jinja(system)
+    rendered = render_prompt(run_tokenizer, Example("질문", ""), system, cfg.data.template)
+    if training_bos(run_tokenizer, cfg) and not rendered.startswith(run_tokenizer.bos_token):
+        template = "{{ bos_token }}" + template
+    return kind, template
 
 
 def probe_examples(questions: list[str]):
@@ -131,19 +155,32 @@ def probe_examples(questions: list[str]):
 
 
 def messages_of(ex) -> list[dict]:
+    """The chat messages a client sends for `ex`; a grounded question carries its passages in the
+    user message (`prompt.user_text`), which every exported template lays out as training did."""
+    from .prompt import user_text
+
     return ([{"role": "system", "content": ex.system}] if ex.system else []) + list(ex.history) + \
-        [{"role": "user", "content": ex.question}]
+        [{"role": "user", "content": user_text(ex)}]
+
+
+def template_ids(tokenizer, ex, chat_template: str | None = None) -> list[int]:
+    """transformers' apply_chat_template, tokenized (it adds no special tokens of its own)."""
+    return list(tokenizer.apply_chat_template(messages_of(ex), chat_template=chat_template, tokenize=True,
+                                              add_generation_prompt=True, return_dict=False))
 
 
 def check_template(run_tokenizer, merged_tokenizer, cfg, examples) -> None:
-    """The exported template must render exactly what training rendered, or the GGUF answers badly."""
-    from .prompt import render_prompt
+    """The exported template must give exactly the ids training gave (BOS included), or the GGUF
+    answers badly."""
+    from .prompt import encode_prompt, render_prompt
 
     for ex in examples:
-        want = render_prompt(run_tokenizer, ex, cfg.data.system_prompt, cfg.data.template)
-        got = merged_tokenizer.apply_chat_template(messages_of(ex), tokenize=False, add_generation_prompt=True)
-        if got != want:
-            raise KoloraError(f"the exported chat template renders {got[:80]!r}… but training used {want[:80]!r}…",
+        want = encode_prompt(run_tokenizer, ex, cfg.data.system_prompt, cfg.data.template)
+        if template_ids(merged_tokenizer, ex) != want:
+            got = merged_tokenizer.apply_chat_template(messages_of(ex), tokenize=False, add_generation_prompt=True)
+            text = render_prompt(run_tokenizer, ex, cfg.data.system_prompt, cfg.data.template)
+            raise KoloraError(f"the exported chat template renders {got[:80]!r}… (ids {template_ids(merged_tokenizer, ex)[:6]}…) "
+                              f"but training used {text[:80]!r}… (ids {want[:6]}…)",
                               "report this with the run's config.yaml (data.template / system_prompt)")
 
 
@@ -156,12 +193,23 @@ def _go_string(text: str) -> str:
     return f'"""{text}"""'
 
 
-FALLBACK_GO = (
-    '{{ range .Messages }}{{ if eq .Role "system" }}{{ .Content }}\n\n'
-    '{{ else if eq .Role "user" }}Q_MARK\n{{ .Content }}\n\n'
-    '{{ else if eq .Role "assistant" }}A_MARK\n{{ .Content }}\n\n'
-    '{{ end }}{{ end }}A_MARK\n'
-)
+def fallback_go() -> str:
+    """The fallback prompt as an Ollama (Go text/template) TEMPLATE; like `fallback_jinja`, a user
+    message that starts with the passages marker is written as it is. (Go's `and` stops at the
+    first false argument, so `slice` never reads past a short message.)"""
+    from .prompt import A_MARK, CONTEXT_MARK, Q_MARK
+
+    n = len(CONTEXT_MARK.encode("utf-8"))  # Go slices strings by bytes
+    return (
+        '{{ range .Messages }}{{ if eq .Role "system" }}{{ .Content }}\n\n'
+        f'{{{{ else if and (eq .Role "user") (ge (len .Content) {n}) (eq (slice .Content 0 {n}) "{CONTEXT_MARK}") }}}}'
+        '{{ .Content }}\n\n'
+        f'{{{{ else if eq .Role "user" }}}}{Q_MARK}\n{{{{ .Content }}}}\n\n'
+        f'{{{{ else if eq .Role "assistant" }}}}{A_MARK}\n{{{{ .Content }}}}\n\n'
+        f'{{{{ end }}}}{{{{ end }}}}{A_MARK}\n'
+    )
+
+
 CHATML_GO = (
     '{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
     '{{ end }}<|im_start|>assistant\n'
@@ -190,7 +238,7 @@ GROUNDED_NOTE = [
 def modelfile(gguf_name: str, kind: str, run_tokenizer, cfg, gen) -> tuple[str, str]:
     """(Modelfile text, how its TEMPLATE was made). Ollama templates are Go templates, so known
     formats are translated; an unknown one is left to Ollama's own detection from the GGUF."""
-    from .prompt import A_MARK, Q_MARK
+    from .prompt import Q_MARK
 
     system = cfg.data.system_prompt
     stops = [run_tokenizer.eos_token]
@@ -199,7 +247,7 @@ def modelfile(gguf_name: str, kind: str, run_tokenizer, cfg, gen) -> tuple[str, 
         lines += GROUNDED_NOTE
     lines.append(f"FROM ./{gguf_name}")
     if kind == "kolora-fallback":
-        lines.append("TEMPLATE " + _go_string(FALLBACK_GO.replace("Q_MARK", Q_MARK).replace("A_MARK", A_MARK)))
+        lines.append("TEMPLATE " + _go_string(fallback_go()))
         stops.append(Q_MARK)  # a model that forgets EOS would write the next question itself
         how = "kolora fallback (### 질문: / ### 답변:)"
     elif "<|im_start|>" in (run_tokenizer.chat_template or ""):
@@ -216,6 +264,8 @@ def modelfile(gguf_name: str, kind: str, run_tokenizer, cfg, gen) -> tuple[str, 
         lines.append(f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}")
     # the defaults of `kolora chat`, so both answer alike
     lines += [f"PARAMETER temperature {gen.temperature:g}", f"PARAMETER top_p {gen.top_p:g}",
+              # Ollama's own default is 1.1 over the last 64 tokens; chat's is none (a penalty is counted
+              # differently by transformers and llama.cpp, so only "none" answers alike)
               f"PARAMETER repeat_penalty {gen.repetition_penalty:g}", f"PARAMETER num_predict {gen.max_new_tokens}"]
     return "\n".join(lines) + "\n", how
 
@@ -316,6 +366,20 @@ def gguf_metadata(path: Path) -> dict:
     return meta
 
 
+def set_gguf_bool(path: Path, key: str, value: bool) -> bool:
+    """Rewrite one boolean metadata value of a GGUF in place (as gguf-py's gguf_set_metadata does);
+    False when the file has no such key."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path), "r+")
+    field = reader.get_field(key)
+    if field is None:
+        return False
+    field.parts[field.data[0]][0] = value
+    reader.data.flush()
+    return True
+
+
 def load_gguf_model(path: Path, arch: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -335,15 +399,37 @@ def next_token_logits(model, prompts: list[list[int]]):
         return [model(input_ids=torch.tensor([p])).logits[0, -1].float() for p in prompts]
 
 
-def gguf_prompt_ids(meta: dict, merged_tokenizer, ex) -> list[int]:
-    """What llama.cpp feeds the model: the GGUF's own template rendered, its BOS added when the GGUF
-    says so, the text tokenized with special tokens parsed. The vocabulary itself is compared
-    token by token (`vocab_mismatches`), so the merged tokenizer stands in for llama.cpp's here
-    (transformers cannot read every GGUF vocabulary type back, e.g. Gemma's ▁-BPE)."""
+def gguf_adds_bos(meta: dict) -> bool:
+    """Whether llama.cpp adds BOS when it tokenizes with special tokens: the GGUF's
+    `tokenizer.ggml.add_bos_token`, else llama.cpp's default for the vocabulary type."""
+    if meta.get("add_bos") is not None:
+        return bool(meta["add_bos"])
+    return meta.get("tokenizer_model") in ("llama", "bert")
+
+
+def client_prompt_ids(meta: dict, merged_tokenizer, ex) -> dict[str, list[int]]:
+    """The ids each client of the GGUF feeds the model for `ex`, as its source does it:
+
+    - llama-cpp-python `create_chat_completion` (Jinja2ChatFormatter): renders the GGUF's template
+      with `bos_token` and tokenizes the text with special tokens parsed, adding no BOS;
+    - `llama-server --jinja` (common/chat.cpp): renders the template, strips a leading BOS from the
+      text when the GGUF adds one, then tokenizes adding BOS as the GGUF says;
+    - Ollama: executes the Modelfile's Go TEMPLATE, which writes the same text without BOS (the
+      tests execute it with Go), and tokenizes adding BOS as the GGUF says;
+    - transformers: `apply_chat_template(tokenize=True)` with the GGUF's template.
+
+    The vocabulary itself is compared token by token (`vocab_mismatches`), so the merged
+    tokenizer stands in for llama.cpp's here (transformers cannot read every GGUF vocabulary
+    type back, e.g. Gemma's ▁-BPE)."""
+    bos_id, bos = meta.get("bos_id"), merged_tokenizer.bos_token or ""
+    adds = [int(bos_id)] if gguf_adds_bos(meta) and bos_id is not None else []
+    tok = lambda text: merged_tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
     text = merged_tokenizer.apply_chat_template(messages_of(ex), chat_template=meta["chat_template"],
                                                 tokenize=False, add_generation_prompt=True)
-    ids = merged_tokenizer(text, add_special_tokens=False).input_ids
-    return ([int(meta["bos_id"])] if meta.get("add_bos") and meta.get("bos_id") is not None else []) + ids
+    no_bos = text[len(bos):] if bos and text.startswith(bos) else text
+    return {"llama-cpp-python": tok(text), "llama-server": adds + tok(no_bos if adds else text),
+            "ollama": adds + tok(no_bos),  # the Go template writes the same text, without BOS
+            "transformers": template_ids(merged_tokenizer, ex, meta["chat_template"])}
 
 
 def vocab_mismatches(meta: dict, tokenizer) -> list[dict]:
@@ -365,15 +451,18 @@ def round_trip(gguf_path: Path, merged: Path, meta: dict, run_tokenizer, merged_
     from .prompt import encode_prompt
 
     train_ids = [encode_prompt(run_tokenizer, ex, cfg.data.system_prompt, cfg.data.template) for ex in examples]
-    id_mismatch = []
+    id_mismatch, clients = [], []
     for ex, want in zip(examples, train_ids):
-        got = gguf_prompt_ids(meta, merged_tokenizer, ex)
-        if got != want:
-            id_mismatch.append({"question": ex.question, "training_ids": want[:12], "gguf_ids": got[:12]})
+        for client, got in client_prompt_ids(meta, merged_tokenizer, ex).items():
+            clients.append(client)
+            if got != want:
+                id_mismatch.append({"client": client, "question": ex.question[:60], "training_ids": want[:12],
+                                    "client_ids": got[:12]})
     vocab_bad = vocab_mismatches(meta, merged_tokenizer)
     # llama.cpp and Ollama stop at the GGUF's EOS: it must be the token training put after every answer
     eos_ok = meta.get("eos_id") is not None and int(meta["eos_id"]) == run_tokenizer.eos_token_id
-    rt = {"prompts": len(train_ids), "prompt_ids_match": not id_mismatch, "id_mismatch": id_mismatch,
+    rt = {"prompts": len(train_ids), "clients": sorted(set(clients)), "prompt_ids_match": not id_mismatch,
+          "id_mismatch": id_mismatch[:10],
           "vocab_match": not vocab_bad, "vocab_mismatch": vocab_bad[:10], "eos_match": eos_ok}
     tokens_ok = not id_mismatch and not vocab_bad and eos_ok
     arch = meta.get("arch")
@@ -436,7 +525,8 @@ def export(run_path: str, out: str, quant: str = "q8_0", force: bool = False, ke
         if rt.get("checked") and not rt["same_next_token"]:
             problems.append("a different next token")
         if not rt["prompt_ids_match"]:
-            problems.append("the GGUF's template + BOS give other prompt ids than training")
+            bad = sorted({m["client"] for m in rt["id_mismatch"]})
+            problems.append(f"{', '.join(bad)} would feed other prompt ids than training (template or BOS)")
         if not rt["eos_match"]:
             problems.append("the GGUF's EOS is not the token training ended answers with")
         if not rt["vocab_match"]:
@@ -477,6 +567,12 @@ def _export_into(work: Path, run, gguf_name: str, quant: str, keep_merged: bool,
     try:
         seconds = convert(merged, gguf_path, quant, log, timeout=convert_timeout)
         meta = gguf_metadata(gguf_path)
+        # llama-server and Ollama add BOS when the GGUF says so; it must say what training did
+        # (a chat template without BOS on a tokenizer that adds one: TinyLlama-Chat)
+        bos = training_bos(run_tokenizer, cfg)
+        if meta.get("add_bos") is not None and bool(meta["add_bos"]) != bos \
+                and set_gguf_bool(gguf_path, "tokenizer.ggml.add_bos_token", bos):
+            meta["add_bos"] = bos
         if meta.get("chat_template") != template:
             raise KoloraError(f"{gguf_path.name} lacks the chat template that was written into the merged tokenizer",
                               f"see {log}")

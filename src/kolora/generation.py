@@ -29,7 +29,10 @@ class GenConfig:
     max_new_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy (deterministic)
     top_p: float = 0.9
-    repetition_penalty: float = 1.1
+    # none by default: what eval measures is what chat and serve answer, and an exported GGUF
+    # answers alike (transformers penalises every earlier token, prompt and retrieved passages
+    # included; llama.cpp and Ollama only the last 64, so any penalty > 1 makes them differ)
+    repetition_penalty: float = 1.0
     seed: int = 0
 
 
