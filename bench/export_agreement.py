@@ -32,14 +32,15 @@ def cpu_name() -> str:
     return next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
 
 
-def kolora_answers(run, examples, max_new: int) -> tuple[list[list[int]], list[list[int]], str]:
-    """Prompt ids and greedy answer ids, one prompt at a time, as `kolora chat -q` generates them."""
+def kolora_answers(run, examples, max_new: int, dtype: str | None = None) -> tuple[list[list[int]], list[list[int]], str]:
+    """Prompt ids and greedy answer ids, one prompt at a time, as `kolora chat -q` generates them
+    (in chat's dtype, or `dtype`)."""
     import torch
 
     from kolora.generation import load_tuned
     from kolora.prompt import encode_prompt
 
-    model, tokenizer, cfg = load_tuned(run)
+    model, tokenizer, cfg = load_tuned(run, dtype=dtype)
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     prompts, answers = [], []
     for ex in examples:
@@ -104,6 +105,10 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=0, help="first N test questions (0 = all)")
     ap.add_argument("--tokens", type=int, default=20, help="the first N answer tokens must be identical")
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                    help="kolora's dtype (default: chat's, bfloat16 on a CPU with bf16); float32 says whether a "
+                         "difference comes from the GGUF or from chat's bf16")
+    ap.add_argument("--reuse", action="store_true", help="use the exports already in --out")
     ap.add_argument("--out", default=None, help="folder for the exports and agreement.json (default: RUN-agreement)")
     args = ap.parse_args(argv)
 
@@ -124,14 +129,16 @@ def main(argv=None) -> int:
         examples, _ = g.ground(examples, AutoTokenizer.from_pretrained(run.tokenizer))
     out = Path(args.out or f"{str(run.path).rstrip('/')}-agreement")
     t0 = time.time()
-    train_prompts, ref, dtype = kolora_answers(run, examples, args.max_new_tokens)
+    train_prompts, ref, dtype = kolora_answers(run, examples, args.max_new_tokens, args.dtype)
     kolora_s = time.time() - t0
     from transformers import AutoTokenizer
 
     eos = AutoTokenizer.from_pretrained(run.tokenizer).eos_token_id
     rows = {}
     for quant in args.quants:
-        result = export(str(run.path), str(out / quant), quant=quant, force=True)
+        marker = out / quant / "kolora-export.json"
+        result = json.loads(marker.read_text()) if args.reuse and marker.is_file() else \
+            export(str(run.path), str(out / quant), quant=quant, force=True)
         t0 = time.time()
         prompts, got, texts = llama_answers(out / quant / result["gguf"], examples, args.max_new_tokens, eos)
         rows[quant] = {"size_mb": result["size_mb"], "round_trip_max_logit_diff": result["round_trip"].get("max_logit_diff"),
@@ -140,7 +147,8 @@ def main(argv=None) -> int:
                        "first_answer": texts[0][:120]}
     report = {"run": str(run.path), "cpu": cpu_name(), "questions": len(examples), "kolora_dtype": dtype,
               "max_new_tokens": args.max_new_tokens, "kolora_seconds": round(kolora_s, 1), "quants": rows}
-    (out / "agreement.json").write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    name = f"agreement-{args.dtype}.json" if args.dtype else "agreement.json"
+    (out / name).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
     print(f"\n{run.path}: {len(examples)} test questions, greedy, {args.max_new_tokens} new tokens; kolora chat in {dtype}; "
           f"CPU {report['cpu']}")
     print(f"| quant | size | prompts as training | identical first {args.tokens} tokens | identical answers | "
@@ -150,7 +158,7 @@ def main(argv=None) -> int:
         n = r["answers"]
         print(f"| {quant} | {r['size_mb']} MB | {r['prompts_as_training']}/{n} | {r[f'identical_first_{args.tokens}']}/{n} | "
               f"{r['identical_whole']}/{n} | {r['token_match_rate']:.3f} |")
-    print(f"written: {out / 'agreement.json'}")
+    print(f"written: {out / name}")
     return 0
 
 

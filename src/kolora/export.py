@@ -37,6 +37,15 @@ VENDOR = Path(__file__).resolve().parent / "_vendor" / "llama_cpp"
 # export (wrong tensor layout, lost norm offsets, wrong vocabulary) is off by whole units.
 TOLERANCE = {"f16": 0.1, "q8_0": 1.5}
 
+# What each --quant costs, for the export's output. The figures behind these words are in the
+# README's export table: `python bench/export_agreement.py runs/demo` (57 test questions, greedy,
+# 64 tokens, against kolora chat in bf16; AMD EPYC): identical first 20 tokens f16 54/57, q8_0
+# 48/57; identical whole answers f16 34/57, q8_0 22/57. f16 is the default: the smallest quant that
+# keeps answers as chat gives them.
+BYTES_PER_WEIGHT = {"f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 int8 weights + one f16 scale per block
+QUANT_COST = {"f16": "answers as kolora chat does (greedy)",
+              "q8_0": "about half the size, with some answers drifting from kolora chat's after a few tokens"}
+
 # A 270M model converts in seconds and an 8B one in minutes; a converter stuck far beyond that
 # (a hung file system, swapping) should end with a message rather than hold the terminal forever.
 CONVERT_TIMEOUT = 1800.0
@@ -51,8 +60,9 @@ ROUND_TRIP_ARCHS = {"llama", "gemma2", "gemma3", "gpt2", "qwen2", "qwen3", "phi3
 def add_arguments(p) -> None:
     p.add_argument("run", help="run directory written by `kolora train`")
     p.add_argument("--format", default="gguf", choices=["gguf"], help="output format")
-    p.add_argument("--quant", default="q8_0", choices=sorted(TOLERANCE),
-                   help="GGUF tensor type: q8_0 (half the size of f16, near-lossless) or f16")
+    p.add_argument("--quant", default="f16", choices=sorted(TOLERANCE),
+                   help="GGUF tensor type: f16 (default: the smallest that answers as kolora chat does, measured) "
+                        "or q8_0 (about half the size; some answers drift after a few tokens)")
     p.add_argument("--out", required=True, help="output directory (GGUF, Modelfile, kolora-export.json)")
     p.add_argument("--force", action="store_true",
                    help="replace the files of a previous export in --out (listed in its kolora-export.json)")
@@ -230,8 +240,9 @@ def chatml_default_system(run_tokenizer) -> str | None:
 GROUNDED_NOTE = [
     "# This model was trained to answer from retrieved statute text (retrieval.corpus): without the",
     "# passages before the question it answers from memory, and mostly wrong. Ollama does no retrieval:",
-    "# `kolora serve RUN` retrieves, answers and returns the sources (OpenAI API + web page); or put the",
-    "# passages in the user message yourself, as `### 참고 조문:` followed by `### 질문:` (see kolora's prompt.py).",
+    "# `kolora serve RUN` retrieves, answers and returns the sources (OpenAI API + web page); or send the",
+    "# passages yourself: the user message \"### 참고 조문:\\n{passages}\\n\\n### 질문:\\n{question}\" is laid out",
+    "# exactly as in training (`kolora retrieve RUN \"질문\"` shows the passages the run's index finds).",
 ]
 
 
@@ -482,7 +493,7 @@ def round_trip(gguf_path: Path, merged: Path, meta: dict, run_tokenizer, merged_
 
 
 # --------------------------------------------------------------------------- the verb
-def export(run_path: str, out: str, quant: str = "q8_0", force: bool = False, keep_merged: bool = False,
+def export(run_path: str, out: str, quant: str = "f16", force: bool = False, keep_merged: bool = False,
            check: bool = True, convert_timeout: float = CONVERT_TIMEOUT) -> dict:
     from .runs import claim_output_dir, open_run, swap_in, temp_dir_beside
 
@@ -618,6 +629,10 @@ def report(result: dict, out_dir: Path) -> None:
     yes = lambda flag: "yes" if flag else "NO"  # noqa: E731
     print(f"GGUF: {out_dir / result['gguf']} ({result['size_mb']} MB, {result['arch']}, {result['quant']}, "
           f"chat template: {result['chat_template']})")
+    other = "f16" if result["quant"] == "q8_0" else "q8_0"
+    size = result["size_mb"] * BYTES_PER_WEIGHT[other] / BYTES_PER_WEIGHT[result["quant"]]
+    print(f"--quant {result['quant']}: {QUANT_COST[result['quant']]}; --quant {other} would be about {size:,.0f} MB "
+          f"and {QUANT_COST[other]} (`python bench/export_agreement.py RUN` measures both against kolora chat)")
     print(f"Ollama: {out_dir / 'Modelfile'} (template: {result['modelfile_template']}) — "
           f"cd {out_dir} && ollama create NAME -f Modelfile")
     if result.get("grounded"):
