@@ -38,13 +38,13 @@ VENDOR = Path(__file__).resolve().parent / "_vendor" / "llama_cpp"
 TOLERANCE = {"f16": 0.1, "q8_0": 1.5}
 
 # What each --quant costs, for the export's output. The figures behind these words are in the
-# README's export table: `python bench/export_agreement.py runs/demo` (57 test questions, greedy,
-# 64 tokens, against kolora chat in bf16; AMD EPYC): identical first 20 tokens f16 54/57, q8_0
-# 48/57; identical whole answers f16 34/57, q8_0 22/57. f16 is the default: the smallest quant that
-# keeps answers as chat gives them.
+# README's export table: `python bench/export_agreement.py runs/demo [--dtype float32]` (57 test
+# questions, greedy, 64 tokens; AMD EPYC). Identical first 20 tokens against kolora in float32:
+# f16 57/57, q8_0 50/57 (whole answers 55/57 and 21/57); against chat's bf16: f16 54/57, q8_0
+# 48/57. f16 is the default: the smallest quant that keeps the answers.
 BYTES_PER_WEIGHT = {"f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 int8 weights + one f16 scale per block
-QUANT_COST = {"f16": "answers as kolora chat does (greedy)",
-              "q8_0": "about half the size, with some answers drifting from kolora chat's after a few tokens"}
+QUANT_COST = {"f16": "answers as the tuned model does (greedy)",
+              "q8_0": "about half the size, but some answers drift from the tuned model's after a few tokens"}
 
 # A 270M model converts in seconds and an 8B one in minutes; a converter stuck far beyond that
 # (a hung file system, swapping) should end with a message rather than hold the terminal forever.
