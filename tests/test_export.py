@@ -109,6 +109,26 @@ def test_a_gguf_that_adds_bos_where_training_did_not_is_caught():
     assert clients["llama-server"] == clients["ollama"] == [tok.bos_token_id] + want
 
 
+@pytest.mark.parametrize("value", [False, True])
+def test_a_gguf_bool_is_rewritten_in_place(tmp_path, value):
+    """The export sets the GGUF's add_bos_token to what training did (llama-server and Ollama obey it)."""
+    import gguf
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_bool("tokenizer.ggml.add_bos_token", not value)
+    w.add_string("tokenizer.ggml.pre", "gpt-2")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert ex.gguf_metadata(path)["add_bos"] is (not value)
+    assert ex.set_gguf_bool(path, "tokenizer.ggml.add_bos_token", value)
+    meta = ex.gguf_metadata(path)
+    assert meta["add_bos"] is value and meta["pre"] == "gpt-2"
+    assert not ex.set_gguf_bool(path, "tokenizer.ggml.add_eos_token", True)  # absent: nothing written
+
+
 def test_template_fallback_forced_on_a_chat_model():
     chat = make_tokenizer(chat_template=True)
     kind, _ = ex.export_template(chat, config(template="fallback"))

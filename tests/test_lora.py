@@ -91,9 +91,12 @@ def test_only_adapter_weights_change_and_invariants_hold(tiny_models, arch, tmp_
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("softcap", [None, 5.0])
-def test_chunked_head_matches_full_logits_loss_and_gradients(tiny_models, arch, monkeypatch, softcap):
+@pytest.mark.parametrize("fused", [False, True])
+def test_chunked_head_matches_full_logits_loss_and_gradients(tiny_models, arch, monkeypatch, softcap, fused):
     """The output layer + CE runs in row chunks with its gradient computed in forward; loss and
-    every LoRA gradient must equal plain full-logits cross entropy (and Phi's head has a bias)."""
+    every LoRA gradient must equal plain full-logits cross entropy (and Phi's head has a bias).
+    `fused`: the path training takes with compiled layers (reused buffers, `ce_and_grad` per
+    chunk), here with the function uncompiled: the same arithmetic inductor is given."""
     import kolora.loss as loss_module
 
     monkeypatch.setattr(loss_module, "HEAD_CHUNK_ROWS", 3)  # several chunks and a ragged last one
@@ -104,7 +107,9 @@ def test_chunked_head_matches_full_logits_loss_and_gradients(tiny_models, arch, 
             torch.nn.init.normal_(p, std=0.05)
     model.get_base_model().config.final_logit_softcapping = softcap
     loss_model = answer_loss_module(model)
-    assert loss_model.chunked
+    assert loss_model.chunked and loss_model.fused is None
+    if fused:
+        loss_model.fused = loss_module.ce_and_grad
     mine, count = loss_model(**batch)
     mine.backward()
     chunked = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -126,7 +131,7 @@ def test_chunked_head_matches_full_logits_loss_and_gradients(tiny_models, arch, 
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gemma3"])
-@pytest.mark.parametrize("chunked", [True, False])
+@pytest.mark.parametrize("chunked", [True, False, "fused"])
 def test_fact_weighted_loss_and_gradients_match_weighted_cross_entropy(tiny_models, arch, chunked, monkeypatch):
     """train.fact_weight: the loss that is backpropagated is Σ w·CE (chunked head and plain head
     alike, gradients included); the plain Σ CE comes back beside it for logging."""
@@ -149,6 +154,8 @@ def test_fact_weighted_loss_and_gradients_match_weighted_cross_entropy(tiny_mode
     loss_model = answer_loss_module(model)
     if not chunked:
         loss_model.chunked = False
+    if chunked == "fused":
+        loss_model.fused = loss_module.ce_and_grad
     weighted, count, plain = loss_model(**batch)
     weighted.backward()
     mine = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -167,6 +174,39 @@ def test_fact_weighted_loss_and_gradients_match_weighted_cross_entropy(tiny_mode
         if p.grad is not None:
             scale = float(p.grad.abs().max()) + 1e-12
             assert float((mine[n] - p.grad).abs().max()) / scale < 1e-4, n
+
+
+def test_compiled_fused_head_equals_the_eager_head(tiny_models):
+    """The head as training runs it with compiled layers (`fused_head`: torch.compile of
+    `ce_and_grad`, inductor's C++ kernels) against the eager chunked head: same loss and LoRA
+    gradients. Ragged chunks make the compiled function see two row counts."""
+    import shutil
+
+    import kolora.loss as loss_module
+
+    if not shutil.which("g++"):
+        pytest.skip("torch.compile on a CPU needs a C++ compiler")
+    results = []
+    for fused_head in (False, True):
+        torch.manual_seed(0)
+        tok, model, _, batch = setup(tiny_models["gemma3"], "gemma3")
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05)
+        loss_model = answer_loss_module(model, fused_head=fused_head)
+        assert (loss_model.fused is not None) == fused_head
+        old = loss_module.HEAD_CHUNK_ROWS
+        loss_module.HEAD_CHUNK_ROWS = 5
+        try:
+            loss, _ = loss_model(**batch)
+            loss.backward()
+        finally:
+            loss_module.HEAD_CHUNK_ROWS = old
+        results.append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (eager, eager_grads), (fused, fused_grads) = results
+    assert abs(eager - fused) / abs(eager) < 1e-5
+    for n, g in eager_grads.items():
+        assert float((fused_grads[n] - g).abs().max()) / (float(g.abs().max()) + 1e-12) < 1e-4, n
 
 
 def test_fact_token_mask_marks_the_facts_and_nothing_else(tiny_models):

@@ -151,13 +151,15 @@ def export_template(run_tokenizer, cfg) -> tuple[str, str]:
 
 
 def probe_examples(questions: list[str]):
-    """Conversations that exercise every branch of a template: plain, own system prompt, history."""
+    """Conversations that exercise every branch of a template: plain, grounded, own system prompt, history."""
     from .data import Example
 
     q = questions[0]
     history = [{"role": "user", "content": "전세권이란 무엇인가요?"},
                {"role": "assistant", "content": "전세금을 지급하고 타인의 부동산을 점유하여 사용·수익하는 권리입니다."}]
+    passages = "[민법 제312조 (전세권의 존속기간)] ① 전세권의 존속기간은 10년을 넘지 못한다."
     return [Example(x, "") for x in questions] + [
+        Example(q, "", context=passages),  # a grounded question: its passages travel in the user message
         Example(q, "", system="당신은 한국 민법 상담 도우미입니다."),
         Example(q, "", history=history),
         Example(q, "", history=history, system="간단히 답하세요."),

@@ -332,11 +332,12 @@ def setup_model(t: Trainer) -> None:
     t.n_all = sum(p.numel() for p in model.parameters())
     t.say(f"model {cfg.model.name} ({t.src.kind}), base {dtype}, LoRA r={cfg.lora.r} on {','.join(t.targets)}: "
           f"{t.n_train / 1e6:.2f} M trainable ({100 * t.n_train / t.n_all:.2f}%)")
-    t.loss_model = answer_loss_module(model)
     do_compile, t.compile_why = resolve_compile(cfg, t.use_cuda, t.n_all)
     t.compiled = CompiledLayers(model) if do_compile else None
     if t.compiled and not t.compiled.layers:
         t.compiled, t.compile_why = None, "off (no decoder layers found)"
+    # the output layer's cross entropy is compiled with the layers (a fused CE + gradient per chunk)
+    t.loss_model = answer_loss_module(model, fused_head=t.compiled is not None)
     t.say(f"torch.compile of the decoder layers: {t.compile_why}")
     # MFU = achieved FLOP/s ÷ a matmul peak measured here, now, in the compute dtype.
     t.peak = None if t.use_cuda else matmul_peak_gflops(t.precision.mixed) * 1e9
