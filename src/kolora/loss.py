@@ -61,8 +61,8 @@ def _head_ce():
     The head is frozen, so its only gradient is the one w.r.t. the hidden states: computing it
     chunk by chunk in the forward pass means the (rows × vocabulary) logits never exist whole
     and nothing vocabulary-sized is kept for backward. Same FLOPs as the plain head + CE.
-    With `fused` (training with compiled layers) each chunk's logits and gradient go into two
-    buffers reused across chunks and the CE + gradient run as one compiled function.
+    With `fused` (training with compiled layers) each chunk's logits and then their gradient go
+    into one buffer reused across chunks, and the CE + gradient run as one compiled function.
     Returns (Σ token_weight × CE, Σ CE); only the first has a gradient."""
     import torch
 
@@ -73,50 +73,43 @@ def _head_ce():
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             plain = torch.zeros((), dtype=torch.float32, device=h.device)
             grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-            if fused is not None and grad_h is not None:
-                rows = min(HEAD_CHUNK_ROWS, h.shape[0])
-                # one buffer: each chunk's logits, then (written over them) their gradient
-                z_buf = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=h.device)
-                for s in range(0, h.shape[0], HEAD_CHUNK_ROWS):
-                    n = min(HEAD_CHUNK_ROWS, h.shape[0] - s)
-                    z = torch.mm(h[s:s + n], weight.t(), out=z_buf[:n])
-                    if bias is not None:
-                        z += bias
-                    w = wanted[s:s + n]
-                    valid = w != IGNORE
-                    scale = valid.float() if token_weight is None else valid * token_weight[s:s + n]
-                    ce = fused(z, torch.where(valid, w, 0), scale, softcap, z) * valid
-                    plain += ce.sum()
-                    total += (ce * scale).sum()
-                    torch.mm(z, weight, out=grad_h[s:s + n])
-                ctx.save_for_backward(grad_h)
-                ctx.h_dtype = h.dtype
-                ctx.mark_non_differentiable(plain)
-                return total, plain
+            fuse = fused is not None and grad_h is not None
+            # fused: one buffer for each chunk's logits, then (written over them) their gradient
+            z_buf = torch.empty(min(HEAD_CHUNK_ROWS, h.shape[0]), weight.shape[0], dtype=weight.dtype,
+                                device=h.device) if fuse else None
             for s in range(0, h.shape[0], HEAD_CHUNK_ROWS):
-                z = h[s:s + HEAD_CHUNK_ROWS] @ weight.t()
-                if bias is not None:
-                    z = z + bias
-                z = z.float()
-                capped = None
-                if softcap:
-                    capped = torch.tanh(z / softcap)
-                    z = capped * softcap
-                w = wanted[s:s + HEAD_CHUNK_ROWS]
+                rows = slice(s, s + HEAD_CHUNK_ROWS)
+                w = wanted[rows]
                 valid = w != IGNORE
                 target = torch.where(valid, w, 0)
-                lse = torch.logsumexp(z, dim=-1)
-                ce = (lse - z.gather(1, target[:, None]).squeeze(1)) * valid
-                scale = valid if token_weight is None else valid * token_weight[s:s + HEAD_CHUNK_ROWS]
+                if fuse:
+                    z = torch.mm(h[rows], weight.t(), out=z_buf[:w.shape[0]])
+                    if bias is not None:
+                        z += bias
+                    scale = valid.float() if token_weight is None else valid * token_weight[rows]
+                    ce = fused(z, target, scale, softcap, z) * valid
+                    torch.mm(z, weight, out=grad_h[rows])
+                else:
+                    z = h[rows] @ weight.t()
+                    if bias is not None:
+                        z = z + bias
+                    z = z.float()
+                    capped = None
+                    if softcap:
+                        capped = torch.tanh(z / softcap)
+                        z = capped * softcap
+                    lse = torch.logsumexp(z, dim=-1)
+                    ce = (lse - z.gather(1, target[:, None]).squeeze(1)) * valid
+                    scale = valid if token_weight is None else valid * token_weight[rows]
+                    if grad_h is not None:
+                        g = z.sub_(lse[:, None]).exp_()  # softmax in place; d CE / d logits = softmax - onehot
+                        g[torch.arange(g.shape[0], device=g.device), target] -= 1
+                        g *= scale[:, None]
+                        if capped is not None:
+                            g *= 1 - capped * capped
+                        grad_h[rows] = g.to(weight.dtype) @ weight
                 plain += ce.sum()
                 total += (ce * scale).sum()  # = plain without weights (ce is already 0 off the answer)
-                if grad_h is not None:
-                    g = z.sub_(lse[:, None]).exp_()  # softmax in place; d CE / d logits = softmax - onehot
-                    g[torch.arange(g.shape[0], device=g.device), target] -= 1
-                    g *= scale[:, None]
-                    if capped is not None:
-                        g *= 1 - capped * capped
-                    grad_h[s:s + HEAD_CHUNK_ROWS] = g.to(weight.dtype) @ weight
             if grad_h is not None:
                 ctx.save_for_backward(grad_h)
             ctx.h_dtype = h.dtype
