@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import threading
 import time
@@ -134,6 +135,13 @@ def run_measured(cmd: list[str], log_path: Path, env: dict | None = None) -> dic
             "peak_rss_mb": round(usage.ru_maxrss / 1024), "peak_rss_at_s": peak_at,
             "loadavg_start": [round(x, 2) for x in load_start],
             "loadavg_end": [round(x, 2) for x in os.getloadavg()], "command": " ".join(cmd)}
+
+
+def cpu_name() -> str:
+    """The CPU model, as /proc/cpuinfo names it: every figure says which machine it is from."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    return next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+                platform.processor())
 
 
 def cpu_busy_seconds() -> float:

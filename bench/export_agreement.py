@@ -25,11 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
+from common import cpu_name  # noqa: E402 - bench/common.py, beside this script
 
 
 def kolora_answers(run, examples, max_new: int, dtype: str | None = None) -> tuple[list[list[int]], list[list[int]], str]:
@@ -112,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="folder for the exports and agreement.json (default: RUN-agreement)")
     args = ap.parse_args(argv)
 
+    from transformers import AutoTokenizer
+
     from kolora import grounding
     from kolora.data import Example, read_jsonl
     from kolora.export import export
@@ -122,18 +120,15 @@ def main(argv=None) -> int:
     test = read_jsonl(run.split("test"))
     test = test[:args.n] if args.n else test
     examples = [Example(ex.question, "") for ex in test]
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer)
     g = grounding.load(run.path, cfg)
     if g is not None:
-        from transformers import AutoTokenizer
-
-        examples, _ = g.ground(examples, AutoTokenizer.from_pretrained(run.tokenizer))
+        examples, _ = g.ground(examples, tokenizer)
     out = Path(args.out or f"{str(run.path).rstrip('/')}-agreement")
     t0 = time.time()
     train_prompts, ref, dtype = kolora_answers(run, examples, args.max_new_tokens, args.dtype)
     kolora_s = time.time() - t0
-    from transformers import AutoTokenizer
-
-    eos = AutoTokenizer.from_pretrained(run.tokenizer).eos_token_id
+    eos = tokenizer.eos_token_id
     rows = {}
     for quant in args.quants:
         marker = out / quant / "kolora-export.json"

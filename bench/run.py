@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from common import FLOPS_FORMULA, load_plan, measured_window, meta_model, read_json, run_measured, wait_until_quiet  # noqa: E402
+from common import FLOPS_FORMULA, cpu_name, load_plan, measured_window, meta_model, read_json, run_measured, wait_until_quiet  # noqa: E402
 
 TARGETS = {"answer_speedup": 2.0, "rss_ratio": 0.7, "mfu": 0.5}
 
@@ -68,8 +67,7 @@ def machine() -> dict:
     import torch
     import transformers
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = cpu_name()
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     for mod in ("trl", "peft", "accelerate"):
         try:
