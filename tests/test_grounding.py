@@ -10,6 +10,7 @@ from conftest import ROOT, TINY_TRAIN, make_tokenizer, run_cli
 
 from kolora import grounding
 from kolora.config import RunConfig
+from kolora.corpus import Passage
 from kolora.data import Example, load_examples, split_examples
 from kolora.prompt import CONTEXT_MARK, IGNORE, encode_example, render_prompt
 
@@ -58,14 +59,51 @@ def test_passages_fit_the_budget_and_are_never_labels():
     g = grounding.build(cfg, [])
     [ex], [hits] = g.ground([Example("전세권의 존속기간은 최장 몇 년인가요?", "민법 제312조 제1항에 따라 10년입니다.")], tok)
     assert hits and ex.context.startswith(f"[{hits[0].passage.header}]")
-    for block in ex.context.split("\n\n["):
-        assert len(tok(block, add_special_tokens=False).input_ids) <= cfg.retrieval.context_tokens // cfg.retrieval.k + 2
+    assert len(tok(ex.context, add_special_tokens=False).input_ids) <= cfg.retrieval.context_tokens + cfg.retrieval.k
     text = render_prompt(tok, ex)
     assert text.index(CONTEXT_MARK) < text.index(ex.question)
     ids, labels = encode_example(tok, ex)
     answer = tok(ex.answer, add_special_tokens=False).input_ids + [tok.eos_token_id]
     assert labels[-len(answer):] == answer and all(x == IGNORE for x in labels[:-len(answer)])
     assert len(ids) - len(answer) > len(encode_example(tok, Example(ex.question, ex.answer))[0]) - len(answer) + 20
+
+
+LONG = Passage(id="주택임대차보호법 제3조의3", law="주택임대차보호법", article="제3조의3", title="임차권등기명령", text=(
+    "① 임대차가 끝난 후 보증금이 반환되지 아니한 경우 임차인은 법원에 임차권등기명령을 신청할 수 있다. <개정 2013.8.13>\n"
+    "② 임차권등기명령의 신청서에는 다음 각 호의 사항을 적어야 한다.\n1. 신청의 취지 및 이유\n2. 임대차의 목적인 주택\n"
+    "③ 임차권등기명령의 신청을 기각하는 결정에 대하여 임차인은 항고할 수 있다.\n"
+    "④ 임차인은 임차권등기를 마치면 대항력과 우선변제권을 취득한다. 이미 취득한 대항력이나 우선변제권은 "
+    "임차권등기 이후 이사를 가더라도 상실하지 아니한다.\n"
+    "⑤ 임차권등기명령을 시행하는 데에 필요한 사항은 대법원규칙으로 정한다. <신설 2013.8.13>"))
+SHORT = Passage(id="민법 제1조", law="민법", article="제1조", title="법원",
+                text="민사에 관하여 법률에 규정이 없으면 관습법에 의한다.")
+
+
+def test_a_long_article_keeps_the_paragraphs_the_question_is_about():
+    tok = make_tokenizer()
+    full = grounding.render_context([LONG], tok, 10_000, "질문")
+    assert "제1항 임대차가 끝난 후" in full and "제5항 임차권등기명령을 시행" in full  # '①' → '제1항', as answers cite
+    assert "①" not in full and "<개정" not in full and "<신설" not in full  # amendment notes are not law
+    cap = len(tok(grounding.render_context([LONG], tok, 10_000, ""), add_special_tokens=False).input_ids) // 2
+    q = "임차권등기를 마친 뒤에 이사를 가도 대항력과 우선변제권을 상실하지 않나요?"
+    text = grounding.render_context([LONG], tok, cap, q)
+    assert "제4항 임차인은 임차권등기를 마치면" in text  # the paragraph the question is about, though fourth
+    assert len(tok(text, add_special_tokens=False).input_ids) <= cap
+    lines = text.split("\n")
+    assert lines[0] == f"[{LONG.header}]" and "…" in lines  # a gap is marked where paragraphs were left out
+    numbers = [int(x[1:x.index("항")]) for x in lines if x.startswith("제") and "항 " in x[:5]]
+    assert numbers == sorted(numbers)  # kept paragraphs stay in the article's order
+
+
+def test_the_budget_is_shared_out_short_passages_whole():
+    tok = make_tokenizer()
+    whole_long = len(tok(grounding.render_context([LONG], tok, 10_000), add_special_tokens=False).input_ids)
+    budget = whole_long  # less than both need, more than twice the short one
+    text = grounding.render_context([SHORT, LONG], tok, budget, "이사를 가도 대항력을 상실하지 않나요?")
+    short, long_ = text.split("\n\n")
+    assert short == f"[{SHORT.header}]\n{SHORT.text}"  # whole: it needs less than half
+    used = len(tok(text, add_special_tokens=False).input_ids)
+    assert budget // 2 + 5 < len(tok(long_, add_special_tokens=False).input_ids) and used <= budget + 2
 
 
 def test_no_hits_is_answered_with_no_sources():

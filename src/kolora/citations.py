@@ -24,14 +24,13 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
-from .corpus import Citation, Corpus, Passage
+from .corpus import Citation, Corpus, Passage, paragraphs
 
 # The fact patterns are shared with `kolora eval` (fact recall) so both count the same facts.
 # They will move to kolora.facts; this is the one place citations.py imports them from.
 from .facts import extract_facts, normalize, quantities, statute_refs, won  # noqa: F401
 
 OK = "ok"
-_CIRCLED = re.compile(r"^([\u2460-\u2473])", re.M)
 
 
 @dataclass
@@ -133,21 +132,14 @@ def _check_citation(c: Citation, corpus: Corpus) -> CitedArticle:
     p = corpus.get(c.passage_id)
     if p.deleted:
         return CitedArticle(c.ref, p.id, "repealed")
-    paragraphs = _paragraphs(p.text)
-    if c.paragraph and c.paragraph > max(len(paragraphs), 1):
+    paras = paragraphs(p.text)
+    if c.paragraph and c.paragraph > max(len(paras), 1):
         return CitedArticle(c.ref, p.id, "no such paragraph")
     if c.item:
-        where = paragraphs[c.paragraph - 1] if c.paragraph and paragraphs else p.text
+        where = paras[c.paragraph - 1] if c.paragraph and paras else p.text
         if not re.search(rf"^\s*{c.item}\.", where, re.M):
             return CitedArticle(c.ref, p.id, "no such item")
     return CitedArticle(c.ref, p.id, OK)
-
-
-def _paragraphs(text: str) -> list[str]:
-    """The article split at its paragraph marks (①, ②, …); [] when it has none. A single-
-    paragraph article has no mark, and '제1항' of it is accepted: people cite it that way."""
-    starts = [m.start() for m in _CIRCLED.finditer(text)]
-    return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
 
 
 # --------------------------------------------------------------------------- numbers

@@ -79,6 +79,16 @@ class Passage:
         return asdict(self)
 
 
+CIRCLED = re.compile(r"^([\u2460-\u2473])", re.M)  # ① … ⑳ opening a line: a paragraph (항)
+
+
+def paragraphs(text: str) -> list[str]:
+    """The article split at its paragraph marks (①, ②, …); [] when it has none. A single-
+    paragraph article has no mark, and '제1항' of it is accepted: people cite it that way."""
+    starts = [m.start() for m in CIRCLED.finditer(text)]
+    return [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
+
+
 @dataclass
 class CorpusFile:
     name: str  # key in fingerprints: file name, or path inside the folder that was passed
