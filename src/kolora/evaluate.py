@@ -35,6 +35,7 @@ from .generation import GenConfig, add_gen_flags, gen_config, generate_batched, 
 from .grounding import with_context
 from .loss import answer_losses
 from .metrics import METRIC_NOTES, METRICS, answer_metrics, delta, health_warnings, side_block, verdict
+from .retrieval import recall_ks
 from .runs import open_run
 
 HELP = ("compare base and tuned model on held-out questions: answer perplexity, chrF / ROUGE-L / BLEU, "
@@ -341,9 +342,20 @@ def base_cache_file(side: Side, plan: Plan, gen, batch_size: int) -> Path | None
                       "questions": [[ex.question, ex.answer, ex.system, ex.history] for ex in plan.examples],
                       # a grounded side's prompts hold the run's passages within its budget
                       "context": ([[h.passage.id for h in hits] for hits in plan.hits], plan.grounding.context_tokens,
-                                  plan.grounding.corpus.fingerprint()) if side.grounded else None},
+                                  plan.grounding.corpus.fingerprint(), _render_code()) if side.grounded else None},
                      ensure_ascii=False, sort_keys=True, default=str)
     return cache_root() / "eval-base" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def _render_code() -> str:
+    """A hash of the code that lays passages out in the prompt (kolora/grounding.py): the same
+    hits rendered another way are other prompts, and a cached base answer to the old ones would
+    be compared with tuned answers to the new ones."""
+    import hashlib
+
+    from . import grounding
+
+    return hashlib.sha256(Path(grounding.__file__).read_bytes()).hexdigest()[:16]
 
 
 def answering_setup(plan: Plan) -> dict:
@@ -516,7 +528,7 @@ def grounded_lines(metrics: dict) -> list[str]:
     r = metrics.get("retrieval")
     if r and r.get("questions"):
         lines.append(f"retrieval: top {r['k']} of {r['passages']} passages; cited article found for "
-                     + ", ".join(f"@{k} {r[f'recall@{k}']:.2f}" for k in (1, 3, 5)) + f" of {r['questions']} questions")
+                     + ", ".join(f"@{k} {r[f'recall@{k}']:.2f}" for k in recall_ks(r)) + f" of {r['questions']} questions")
     if "base_plain" in metrics:
         shown = ("fact_recall", "chrf", "perplexity", "citation_valid", "facts_supported", "eos_rate")
         lines.append(f"{'':<22}" + "".join(f"{METRICS[m][1][:14]:>15}" for m in shown))

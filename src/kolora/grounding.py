@@ -64,8 +64,10 @@ class Grounding:
         return [cited_passages(ex.answer, reader, reader.last_named(ex.question)) for ex in examples]
 
     def recall(self, examples: list[Example]) -> dict:
-        """recall@1/3/5 of the cited article over examples whose answers cite one."""
-        return recall_at_k(self.index, [ex.question for ex in examples], self.cited(examples), ks=(1, 3, 5))
+        """recall@1/3/5 and @k (the k answering uses) of the cited article over examples whose
+        answers cite one."""
+        return recall_at_k(self.index, [ex.question for ex in examples], self.cited(examples),
+                           ks=tuple(sorted({1, 3, 5, self.k})))
 
     def check(self, answer: str, question: str, hits: list[Hit]):
         return check_answer(answer, question, self.corpus, [h.passage for h in hits])

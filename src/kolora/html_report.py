@@ -45,6 +45,11 @@ small{color:#5f6368}
 """
 
 
+def _ks(recall: dict) -> list[int]:
+    """The k values of a recall@k result (retrieval.recall_ks; not imported: this module draws only)."""
+    return sorted(int(key[len("recall@"):]) for key in recall if key.startswith("recall@"))
+
+
 def fmt(name: str, value) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
@@ -185,7 +190,7 @@ def grounding_section(metrics: dict) -> str:
     if not r:
         return ""
     out = [f"<p>top {r['k']} of {r['passages']} passages, {r['context_tokens']} context tokens; the cited article "
-           "was retrieved for " + ", ".join(f"@{k}: {fmt('fact_recall', r.get(f'recall@{k}'))}" for k in (1, 3, 5))
+           "was retrieved for " + ", ".join(f"@{k}: {fmt('fact_recall', r.get(f'recall@{k}'))}" for k in _ks(r))
            + f" of {r.get('questions', 0)} questions citing one.</p>"]
     if "base_plain" in metrics:
         head = "".join(f"<th>{escape(name)}</th>" for name in FOUR_WAY_METRICS)

@@ -9,6 +9,7 @@ from .config import add_config_flags, build_config
 from .data import category_table, count_hangul, difficulty_counts, load_splits
 from .models import load_tokenizer, resolve
 from .prompt import IGNORE, encode_example
+from .retrieval import recall_ks
 
 HELP = "check a dataset and show its statistics"
 
@@ -63,7 +64,7 @@ def ground(cfg, splits, tokenizer) -> list:
     r = cfg.retrieval
     print(f"retrieval: {len(g.corpus)} passages ({r.tokenizer}, expansion {'on' if r.expand else 'off'}); "
           f"validation+test questions citing an article: {rec['questions']}, recall of the cited article "
-          + ", ".join(f"@{k} {rec[f'recall@{k}']:.2f}" for k in (1, 3, 5) if rec[f"recall@{k}"] is not None))
+          + ", ".join(f"@{k} {rec[f'recall@{k}']:.2f}" for k in recall_ks(rec) if rec[f"recall@{k}"] is not None))
     print(f"training rows: {counts['citing']} of {counts['rows']} cite an article; retrieval found it for "
           f"{counts['retrieved']}, the oracle was inserted for {counts['inserted']} (retrieval.oracle_p {r.oracle_p:g}), "
           f"{counts['missed']} keep distractors only")

@@ -249,6 +249,11 @@ def build_index(corpus: Corpus, expansions: dict[str, list[str]] | None = None, 
     return Index(passages, tokenizer, bm25, manifest, report, kept)
 
 
+def recall_ks(result: dict) -> list[int]:
+    """The k values a recall_at_k result holds, ascending."""
+    return sorted(int(key[len("recall@"):]) for key in result if key.startswith("recall@"))
+
+
 def recall_at_k(index: Index, questions: list[str], cited_ids: list, ks=(1, 3, 5)) -> dict:
     """Retrieval quality on questions whose answers cite known passages.
 

@@ -48,6 +48,7 @@ from .loss import EVAL_BATCH_MIN, answer_loss_module, evaluate_loss
 from .models import ModelSource, attach_lora, load_model, load_tokenizer, resolve
 from .prompt import IGNORE
 from .report import ascii_chart, loss_series, read_metrics
+from .retrieval import recall_ks
 from .runs import Run, claim_output_dir, default_output_dir, open_run, remove_entries, truncate_metrics
 
 HELP = "fine-tune a LoRA adapter"
@@ -295,7 +296,7 @@ def ground_splits(t: Trainer) -> None:
         rec = t.grounding.recall(held_out)
         if rec["questions"]:
             t.say(f"retrieval on validation+test ({rec['questions']} questions citing an article): "
-                  + ", ".join(f"recall@{k} {rec[f'recall@{k}']:.2f}" for k in (1, 3, 5)))
+                  + ", ".join(f"recall@{k} {rec[f'recall@{k}']:.2f}" for k in recall_ks(rec)))
             t.retrieval_recall = rec
 
 
