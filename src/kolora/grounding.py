@@ -186,16 +186,15 @@ def render_context(passages: list[Passage], tokenizer, budget: int, question: st
     ones (an equal third each left a quarter of the demo's budget unused)."""
     if not passages:
         return NO_SOURCES
-    sizes = [_size(tokenizer, _full(p)) for p in passages]
+    heads = [f"[{p.header}]" for p in passages]
+    paras = [model_paragraphs(p) for p in passages]
+    sizes = [_size(tokenizer, "\n".join([h, *ps])) for h, ps in zip(heads, paras)]
     caps, left = [0] * len(passages), budget
     for n, i in enumerate(sorted(range(len(passages)), key=lambda i: sizes[i])):
         caps[i] = max(8, min(sizes[i], left // (len(passages) - n)))
         left -= caps[i]
-    return "\n\n".join(_trimmed(p, tokenizer, cap, question) for p, cap in zip(passages, caps))
-
-
-def _full(p: Passage) -> str:
-    return "\n".join([f"[{p.header}]", *model_paragraphs(p)])
+    return "\n\n".join(_trimmed(h, ps, size, tokenizer, cap, question)
+                       for h, ps, size, cap in zip(heads, paras, sizes, caps))
 
 
 # '<개정 2013.8.13>', '[본조신설 2020.7.31]': amendment history, not law: tokens the answer never uses
@@ -227,16 +226,15 @@ def model_paragraphs(p: Passage) -> list[str]:
     return out
 
 
-def _trimmed(p: Passage, tokenizer, cap: int, question: str = "") -> str:
-    """The passage within `cap` tokens. The whole article when it fits; else the paragraphs that
+def _trimmed(head: str, paras: list[str], size: int, tokenizer, cap: int, question: str = "") -> str:
+    """A passage (its header line, its model_paragraphs, `size` tokens in all) within `cap` tokens. The whole article when it fits; else the paragraphs that
     share the most with the question (character bigrams, the retrieval tokenizer's), as many as
     fit, in the article's order with '…' where paragraphs were left out: a question about
     제3조의3 제5항 must see 제5항, not the first paragraphs (measured on the demo's test split:
     the reference's facts visible in the context 0.42 with the first paragraphs → 0.58, `bench/
     context_facts.py`). When no paragraph fits whole, the first paragraph's first characters that do."""
-    head, paras, full = f"[{p.header}]", model_paragraphs(p), _full(p)
-    if _size(tokenizer, full) <= cap:
-        return full
+    if size <= cap:
+        return "\n".join([head, *paras])
     words = set(tokenize(question, "char2")) if question else set()
 
     def score(i: int) -> float:
@@ -246,8 +244,9 @@ def _trimmed(p: Passage, tokenizer, cap: int, question: str = "") -> str:
     ranked = sorted(range(len(paras)), key=lambda i: (-score(i), i))
     kept: list[int] = []
     for i in ranked:
-        if _size(tokenizer, _joined(head, paras, sorted(kept + [i]))) <= cap:
-            kept = sorted(kept + [i])
+        trial = sorted(kept + [i])
+        if _size(tokenizer, _joined(head, paras, trial)) <= cap:
+            kept = trial
     if kept:
         return _joined(head, paras, kept)
     best = paras[0]  # the article's main rule (validation split: 0.59 of the facts visible, 0.56 with the best-matching one)
