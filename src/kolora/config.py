@@ -94,6 +94,9 @@ class RetrievalConfig:
     tokenizer: str = opt("char2", "retrieval tokenizer: char2 (character bigrams) or kiwi (Korean morphemes, offline)")
     expand: bool = opt(True, "index each passage together with the training rows (question and answer) whose answers "
                              "cite it (document expansion; never validation or test rows)")
+    bm25_b: float = opt(0.35, "BM25 length normalisation (0 = none, 1 = full); 0.35 measured best on the bundled "
+                              "statutes (bench/RETRIEVAL.md: long articles and articles with many expansion rows are "
+                              "penalised less than the textbook 0.75)")
     expand_with: list = opt([], "more data files (same formats as data.path) whose questions only expand the index, "
                                 "without being trained on: an article index; a row whose question is a held-out "
                                 "question is dropped and counted")

@@ -85,16 +85,16 @@ def build(cfg: RunConfig, train: list[Example], held_out: list[Example] = ()) ->
     """Load the corpus and index it, expanded with the training questions and the questions of
     retrieval.expand_with (never a held-out question)."""
     r = cfg.retrieval
-    if r.k < 1 or r.context_tokens < 16 or not 0 <= r.oracle_p <= 1:
-        raise KoloraError(f"retrieval.k {r.k}, retrieval.context_tokens {r.context_tokens}, retrieval.oracle_p {r.oracle_p}",
-                          "k ≥ 1, context_tokens ≥ 16 and 0 ≤ oracle_p ≤ 1")
+    if r.k < 1 or r.context_tokens < 16 or not 0 <= r.oracle_p <= 1 or not 0 <= r.bm25_b <= 1:
+        raise KoloraError(f"retrieval.k {r.k}, retrieval.context_tokens {r.context_tokens}, retrieval.oracle_p {r.oracle_p}, "
+                          f"retrieval.bm25_b {r.bm25_b}", "k ≥ 1, context_tokens ≥ 16, 0 ≤ oracle_p ≤ 1 and 0 ≤ bm25_b ≤ 1")
     corpus = load_corpus(corpus_paths(cfg))
     g = Grounding(corpus, None, r.k, r.context_tokens)
     g.extra = expansion_rows(cfg, held_out, corpus.report)
     g.train = train
     rows = list(train) + g.extra
     g.rows_cited = g.cited(rows)  # ground_training reuses it for its folds
-    g.index = build_index(corpus, _expansions(g.rows_cited, rows) if r.expand else None, r.tokenizer)
+    g.index = build_index(corpus, _expansions(g.rows_cited, rows) if r.expand else None, r.tokenizer, b=r.bm25_b)
     return g
 
 
@@ -154,7 +154,7 @@ def ground_training(g: Grounding, cfg: RunConfig, train: list[Example], tokenize
     for f in range(FOLDS):  # index f holds the expansions of every training row outside fold f (and expand_with)
         expansions = (_expansions(cited_rows, rows, skip=lambda i, f=f: i < len(train) and i % FOLDS == f)
                       if r.expand else None)
-        folds.append(build_index(g.corpus, expansions, r.tokenizer))
+        folds.append(build_index(g.corpus, expansions, r.tokenizer, b=r.bm25_b))
     out, counts = [], {"rows": len(train), "citing": 0, "retrieved": 0, "inserted": 0, "missed": 0}
     for i, (ex, ids) in enumerate(zip(train, cited)):
         hits = folds[i % FOLDS].search(ex.question, r.k)
