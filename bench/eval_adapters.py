@@ -3,7 +3,7 @@
     python bench/eval_adapters.py --kolora-run RUN --adapter kolora=RUN/adapter --adapter trl=DIR/adapter --out F
 
 Every adapter is scored by kolora's own answer-only loss (`kolora.loss.answer_loss_module`:
-mean cross entropy over answer tokens + EOS) on the validation split kolora wrote, one row at
+mean cross entropy over answer tokens + EOS) on the validation split kolora wrote (`--split test`: its test split), one row at
 a time (no padding), with float32 base weights and no autocast, so the numbers do not depend
 on either trainer's precision choices. Also scores the base model (adapters disabled) and the
 paired standard error of each adapter's difference from the first one (per-row means), as the
@@ -23,6 +23,7 @@ def main() -> int:
     ap.add_argument("--kolora-run", required=True)
     ap.add_argument("--adapter", action="append", required=True, help="name=path (PEFT adapter directory)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--split", default="validation", choices=["validation", "test"], help="which of kolora's splits")
     args = ap.parse_args()
 
     import torch
@@ -42,19 +43,21 @@ def main() -> int:
 
     tokenizer = load_tokenizer(src, cfg.model.trust_remote_code)
     rows = [Tokenized(*encode_example(tokenizer, ex, cfg.data.system_prompt, cfg.data.template))
-            for ex in read_jsonl(run.split("validation"))]
+            for ex in read_jsonl(run.split(args.split))]
     adapters = [a.split("=", 1) for a in args.adapter]
     model = load_model(src, "float32")
     model = PeftModel.from_pretrained(model, adapters[0][1], adapter_name=adapters[0][0])
     for name, path in adapters[1:]:
         model.load_adapter(path, adapter_name=name)
-    loss_model = answer_loss_module(model).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # same float32 numbers, only faster on a GPU
+    loss_model = answer_loss_module(model).to(device).eval()
 
     def per_row() -> list[tuple[float, int]]:
         out = []
         with torch.no_grad():
             for r in rows:
-                loss_sum, n = loss_model(**collate([r], tokenizer.pad_token_id, multiple=1))
+                batch = {k: v.to(device) for k, v in collate([r], tokenizer.pad_token_id, multiple=1).items()}
+                loss_sum, n = loss_model(**batch)
                 out.append((float(loss_sum), int(n)))
         return out
 

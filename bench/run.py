@@ -49,6 +49,10 @@ def parse_args(argv=None):
     ap.add_argument("--quiet-wait", type=float, default=5, help="minutes to wait for idle CPUs before each trainer (0 = don't)")
     ap.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL's own default (slower); off = like kolora")
     ap.add_argument("--trl-dtype", default="float32", help="TRL base weights dtype (its default: float32)")
+    ap.add_argument("--trl-quantization", default="none", choices=["none", "4bit", "8bit"],
+                    help="TRL's base through bitsandbytes (pair with --kolora-args '--model.quantization 4bit')")
+    ap.add_argument("--eval-split", default="validation", choices=["validation", "test"],
+                    help="the split bench/eval_adapters.py scores both adapters on")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench"), help="run directories (git-ignored)")
     ap.add_argument("--results", default=str(BENCH / "results"), help="where latest.json / history.jsonl go")
     ap.add_argument("--no-history", action="store_true", help="do not append to history.jsonl")
@@ -69,6 +73,9 @@ def machine() -> dict:
 
     cpu = cpu_name()
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if torch.cuda.is_available():
+        versions["gpu"] = torch.cuda.get_device_name(0)
+        versions["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     for mod in ("trl", "peft", "accelerate"):
         try:
             versions[mod] = __import__(mod).__version__
@@ -163,12 +170,13 @@ def bench_model(model: str, args, peaks: dict) -> dict:
         times, events = kolora_step_times(kolora_dir)
         out["kolora"].update(measured_window(times, plan, args.warmup_steps))
         out["kolora"].update(internal_peak_rss_mb=info["summary"]["peak_rss_mb"],
+                             peak_gpu_mb=info["summary"].get("peak_gpu_mb"), test_loss=info["summary"].get("test_loss_tuned"),
                              internal_mfu_last_step=events[-1].get("mfu"), plan_matches_log=kolora_log_matches_plan(events, plan),
                              losses=[e["loss"] for e in events], precision=info["precision"], base_dtype=info["base_dtype"])
 
     if args.only in ("trl", "both"):
         cmd = [sys.executable, str(BENCH / "trl_peer.py"), "--kolora-run", str(kolora_dir), "--out", str(trl_dir),
-               "--steps", str(args.steps), "--dtype", args.trl_dtype]
+               "--steps", str(args.steps), "--dtype", args.trl_dtype, "--quantization", args.trl_quantization]
         if args.trl_gradient_checkpointing:
             cmd.append("--gradient-checkpointing")
         out["trl"] = measure(f"{model}: TRL SFTTrainer", cmd, work / "trl.log", args)
@@ -176,12 +184,14 @@ def bench_model(model: str, args, peaks: dict) -> dict:
         out["trl"].update(measured_window({int(k): v for k, v in timing["step_end_s"].items()}, plan, args.warmup_steps))
         out["trl"].update(internal_peak_rss_mb=timing["internal_peak_rss_mb"], batches_match_plan=timing["batches_match_plan"],
                           losses=timing["losses"], precision=timing["precision"], base_dtype=timing["base_dtype"],
-                          gradient_checkpointing=timing["gradient_checkpointing"])
+                          gradient_checkpointing=timing["gradient_checkpointing"], peak_gpu_mb=timing.get("peak_gpu_mb"),
+                          quantization=timing.get("quantization", "none"))
 
     adapters = [f"{k}={d / 'adapter'}" for k, d in (("kolora", kolora_dir), ("trl", trl_dir)) if k in out]
     if adapters and not args.no_eval:
-        print(f"[bench] {model}: validation loss of {', '.join(a.split('=')[0] for a in adapters)} …", flush=True)
-        cmd = [sys.executable, str(BENCH / "eval_adapters.py"), "--kolora-run", str(kolora_dir), "--out", str(work / "eval.json")]
+        print(f"[bench] {model}: {args.eval_split}-split loss of {', '.join(a.split('=')[0] for a in adapters)} …", flush=True)
+        cmd = [sys.executable, str(BENCH / "eval_adapters.py"), "--kolora-run", str(kolora_dir), "--out", str(work / "eval.json"),
+               "--split", args.eval_split]
         for a in adapters:
             cmd += ["--adapter", a]
         ev = run_measured(cmd, work / "eval.log")
@@ -190,7 +200,7 @@ def bench_model(model: str, args, peaks: dict) -> dict:
         for k in out:
             out[k]["eval_loss"] = scores["loss"][k]
         out["base_eval_loss"] = scores["loss"]["base"]
-        out["eval_rows"], out["eval_tokens"] = scores["rows"], scores["tokens"]
+        out["eval_rows"], out["eval_tokens"], out["eval_split"] = scores["rows"], scores["tokens"], args.eval_split
         out["eval_loss_paired_se"] = scores.get("paired_se_kolora_minus_trl")
 
     precision = info["precision"]
@@ -252,7 +262,8 @@ def table(results: dict) -> list[str]:
                 x = r[k]
                 lines.append(f"{model:<14} {k:<7} {x['tokens_per_s']:>8.0f} {x['answer_tokens_per_s']:>13.0f} "
                              f"{x['peak_rss_mb']:>12,} {x.get('eval_loss', float('nan')):>10.4f} {100 * x['mfu']:>6.1f}% "
-                             f"{100 * x['other_processes_cpu_share']:>10.0f}%")
+                             f"{100 * x['other_processes_cpu_share']:>10.0f}%"
+                             + (f"  peak GPU {x['peak_gpu_mb']:,} MB" if x.get("peak_gpu_mb") is not None else ""))
         if "ratios" in r:
             q = r["ratios"]
             lines.append(f"{model:<14} {'ratio':<7} {q['tokens_per_s']:>7.2f}× {q['answer_tokens_per_s']:>12.2f}× "
@@ -278,7 +289,8 @@ def main(argv=None) -> int:
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
         quiet(args)
         load = os.getloadavg()
-        peaks = {"bf16": matmul_peak_gflops("bf16", 1.0), "fp32": matmul_peak_gflops("fp32", 1.0)}
+        device = "cuda" if results["machine"].get("gpu") else "cpu"  # both trainers take the GPU where there is one
+        peaks = {"bf16": matmul_peak_gflops("bf16", 1.0, device), "fp32": matmul_peak_gflops("fp32", 1.0, device)}
         print(f"[bench] {model}: matmul peak bf16 {peaks['bf16']:.0f} GFLOP/s, fp32 {peaks['fp32']:.0f} GFLOP/s "
               f"(load average {load[0]:.2f})", flush=True)
         results["models"][model] = bench_model(model, args, peaks)

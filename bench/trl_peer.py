@@ -36,6 +36,8 @@ def main() -> int:
     ap.add_argument("--gradient-checkpointing", action="store_true",
                     help="TRL's own default; off by default here because kolora trains without it (faster)")
     ap.add_argument("--dtype", default="float32", help="base weights dtype (TRL loads float32 unless told otherwise)")
+    ap.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"],
+                    help="QLoRA base through bitsandbytes, with kolora's own BitsAndBytesConfig (GPU)")
     args = ap.parse_args()
 
     import torch
@@ -45,7 +47,7 @@ def main() -> int:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from kolora.models import resolve
+    from kolora.models import bnb_config, resolve
     from kolora.prompt import IGNORE
 
     t_begin = time.time()
@@ -85,8 +87,12 @@ def main() -> int:
             step_end[state.global_step] = time.perf_counter()
 
     precision = run_info.get("precision", "no")
+    cuda = torch.cuda.is_available()  # TRL takes the GPU where there is one, as kolora does (bench/gpu_check.sh)
+    init = {"dtype": args.dtype}
+    if args.quantization != "none":
+        init["quantization_config"] = bnb_config(args.quantization, torch.bfloat16 if precision == "bf16" else torch.float16)
     sft = SFTConfig(
-        output_dir=str(out / "trainer"), use_cpu=True, bf16=precision == "bf16", fp16=False,
+        output_dir=str(out / "trainer"), use_cpu=not cuda, bf16=precision == "bf16", fp16=False,
         max_length=cfg.data.max_length, completion_only_loss=True,
         per_device_train_batch_size=cfg.train.batch_size, gradient_accumulation_steps=cfg.train.grad_accum,
         max_steps=args.steps, learning_rate=cfg.train.lr, lr_scheduler_type="cosine",
@@ -94,7 +100,7 @@ def main() -> int:
         max_grad_norm=cfg.train.max_grad_norm, optim="adamw_torch_fused", seed=cfg.train.seed,
         gradient_checkpointing=args.gradient_checkpointing, logging_steps=1, save_strategy="no",
         eval_strategy="no", report_to="none", dataloader_num_workers=0, disable_tqdm=True,
-        model_init_kwargs={"dtype": args.dtype},
+        model_init_kwargs=init,
     )
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=run_info["lora_targets"], use_rslora=cfg.lora.use_rslora,
@@ -124,7 +130,10 @@ def main() -> int:
         "gradient_checkpointing": args.gradient_checkpointing,
         "torch_threads": torch.get_num_threads(),
         "internal_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "quantization": args.quantization,
     }
+    if cuda:
+        timing["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     (out / "timing.json").write_text(json.dumps(timing, indent=2))
     print(json.dumps({k: v for k, v in timing.items() if k != "step_end_s"}))
     return 0

@@ -646,6 +646,10 @@ def finish(t: Trainer) -> Path:
                "tokens": state["tokens"], "answer_tokens": state["answer_tokens"],
                "tokens_per_s": round(state["tokens"] * acc.num_processes / max(t.train_time, 1e-9), 1),
                "val_loss": final_val, "skipped_steps": state["skipped_steps"], "peak_rss_mb": round(peak_rss_mb())}
+    if t.use_cuda:  # what a user with an 8 GB card needs to know; taken before the test-split passes add theirs
+        import torch
+
+        summary["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
     if best:  # val_loss is the saved adapter's, as the test loss below is
         summary["adapter_from"], summary["val_loss"] = best, best["val_loss"]
     if test:
@@ -687,8 +691,9 @@ def report_summary(t: Trainer, summary: dict, final_val: float | None) -> None:
     t.metrics_file.close()
     if t.tb:
         t.tb.close()
+    gpu = f", peak GPU memory {summary['peak_gpu_mb']} MB" if "peak_gpu_mb" in summary else ""
     t.say(f"done: {t.state['step']} steps in {t.train_time:.0f} s ({summary['tokens_per_s']:.0f} tokens/s, "
-          f"peak RSS {summary['peak_rss_mb']} MB), stopped by {t.stop_reason}")
+          f"peak RSS {summary['peak_rss_mb']} MB{gpu}), stopped by {t.stop_reason}")
     if final_val is not None:
         t.say(f"validation loss {final_val:.4f}")
     if "test_loss_base" in summary:
