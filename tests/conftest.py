@@ -188,9 +188,34 @@ def _unit(item) -> str:
 def pytest_collection_modifyitems(config, items):
     for item in items:
         unit = _unit(item)
-        item.add_marker(pytest.mark.xdist_group(unit))
+        if unit != item.nodeid.split("/")[-1]:  # a test on its own is its own unit without a mark
+            item.add_marker(pytest.mark.xdist_group(unit))
         item.stash[_WEIGHT] = LONGEST_FIRST.get(unit, 0)
     items.sort(key=lambda item: -item.stash[_WEIGHT])  # stable: collection order within a weight
 
 
 _WEIGHT = pytest.StashKey[int]()
+
+
+class _GroupSuffix:
+    """`--dist loadgroup` schedules by the `@group` suffix that pytest-xdist's worker hook appends to
+    each marked item's node id. pytest 9.2 keeps the id in `Node._id`, and xdist 3.8 still writes
+    `_nodeid`, so the suffix was silently lost: every test became its own unit and each module-scoped
+    fixture (the executed notebook, the two-process runs, the trained runs) was built on both workers.
+    This runs after xdist's hook and adds the suffix only where it is missing."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        if not getattr(config.option, "loadgroup", False):  # set on xdist workers under --dist loadgroup
+            return
+        for item in items:
+            mark = item.get_closest_marker("xdist_group")
+            if mark is None or "@" in item.nodeid:
+                continue
+            from _pytest.nodeid import NodeId
+
+            item._id = NodeId.parse(f"{item.nodeid}@{mark.args[0]}")
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_GroupSuffix(), "kolora-xdist-group-suffix")
