@@ -31,6 +31,13 @@ def test_nonexistent_and_repealed_articles(corpus):
     assert "citation 민법 제9999조: no such article" in r.unsupported
 
 
+def test_a_repeated_claim_is_one_line_with_its_count(corpus):
+    # a looping answer cites the same missing article again and again: one line to check, not nine
+    r = check_answer("민법 제9999조에 따라 " * 9 + "민법 제312조 제9항도 같습니다.", "질문", corpus)
+    assert len(r.citations) == 10 and not r.citation_valid
+    assert r.unsupported == ["citation 민법 제9999조: no such article (×9)", "citation 민법 제312조 제9항: no such paragraph"]
+
+
 def test_law_outside_the_corpus_is_unverifiable_not_wrong(corpus):
     r = check_answer("소액사건심판법 제6조, 제7조가 준용됩니다.", "보증금 소송은?", corpus)
     assert [c.status for c in r.citations] == ["law not in corpus"] * 2

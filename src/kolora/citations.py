@@ -84,10 +84,15 @@ class CitationReport:
 
     @property
     def unsupported(self) -> list[str]:
-        """What a reader should check, one line each: bad citations and unsupported numbers."""
-        out = [f"citation {c.ref}: {c.status}" for c in self.citations if not c.ok]
-        return out + [f"number {n.value}: not in the cited articles or the question" for n in self.numbers
-                      if not n.supported]
+        """What a reader should check, one line each: bad citations and unsupported numbers. A claim
+        an answer repeats (a looping answer cites the same missing article again and again) is one
+        line with its count, so chat, the server and the report do not print it ten times."""
+        lines = [f"citation {c.ref}: {c.status}" for c in self.citations if not c.ok]
+        lines += [f"number {n.value}: not in the cited articles or the question" for n in self.numbers if not n.supported]
+        counts: dict[str, int] = {}
+        for line in lines:
+            counts[line] = counts.get(line, 0) + 1
+        return [line if n == 1 else f"{line} (×{n})" for line, n in counts.items()]
 
     def to_json(self) -> dict:
         return {"citations": [asdict(c) for c in self.citations], "numbers": [asdict(n) for n in self.numbers],
