@@ -11,17 +11,20 @@ The result chose retrieval.bm25_b (bench/RETRIEVAL.md)."""
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from retrieval_recall import split  # noqa: E402  (the same seeds and hold-out)
 
 from kolora import retrieval  # noqa: E402
 from kolora.corpus import CitationReader, cited_passages, load_corpus  # noqa: E402
 from kolora.data import load_examples  # noqa: E402
+from kolora.grounding import _expansions  # noqa: E402  (the expansion training builds)
 
 
 def main() -> None:
@@ -34,25 +37,20 @@ def main() -> None:
     corpus = load_corpus([ROOT / "data" / "statutes"])
     reader = CitationReader(corpus)
 
-    def rows(name: str):
+    def rows(name: str):  # (example, the corpus passages its answer cites)
         examples, _ = load_examples(str(ROOT / "data" / name))
-        return [(e.question, e.answer, cited_passages(e.answer, reader, reader.last_named(e.question))) for e in examples]
+        return [(e, cited_passages(e.answer, reader, reader.last_named(e.question))) for e in examples]
 
     qa, article_index = rows("civil_law_qa.csv"), rows("civil_law_articles.csv")
     bs = [float(x) for x in args.b.split(",")]
     results: dict[float, list[dict]] = {b: [] for b in bs}
     for seed in (int(s) for s in args.seeds.split(",")):
-        order = list(range(len(qa)))
-        random.Random(seed).shuffle(order)
-        cut = round(len(qa) * 0.8)
-        train, held = [qa[i] for i in order[:cut]], [qa[i] for i in order[cut:]]
-        expansions: dict[str, list[str]] = {}
-        for question, answer, gold in train + article_index:
-            for pid in gold:
-                expansions.setdefault(pid, []).extend([question, answer])
+        train, held = split(qa, seed)
+        expanding = train + article_index
+        expansions = _expansions([g for _, g in expanding], [e for e, _ in expanding])
         for b in bs:
             index = retrieval.build_index(corpus, expansions, tokenizer=args.tokenizer, k1=args.k1, b=b)
-            results[b].append(retrieval.recall_at_k(index, [q for q, _, _ in held], [g for _, _, g in held], (1, 3, 5)))
+            results[b].append(retrieval.recall_at_k(index, [e.question for e, _ in held], [g for _, g in held], (1, 3, 5)))
     print(f"| b (k1 {args.k1}, {args.tokenizer}) | recall@1 | recall@3 | recall@5 |\n|---|---|---|---|")
     for b, rs in results.items():
         print(f"| {b} | " + " | ".join(f"{statistics.mean(r[f'recall@{k}'] for r in rs):.3f}" for k in (1, 3, 5)) + " |")

@@ -170,7 +170,7 @@ def bench_model(model: str, args, peaks: dict) -> dict:
         times, events = kolora_step_times(kolora_dir)
         out["kolora"].update(measured_window(times, plan, args.warmup_steps))
         out["kolora"].update(internal_peak_rss_mb=info["summary"]["peak_rss_mb"],
-                             peak_gpu_mb=info["summary"].get("peak_gpu_mb"), test_loss=info["summary"].get("test_loss_tuned"),
+                             peak_gpu_mb=info["summary"].get("peak_gpu_mb"),
                              internal_mfu_last_step=events[-1].get("mfu"), plan_matches_log=kolora_log_matches_plan(events, plan),
                              losses=[e["loss"] for e in events], precision=info["precision"], base_dtype=info["base_dtype"])
 

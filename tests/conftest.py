@@ -208,12 +208,12 @@ class _GroupSuffix:
     def pytest_collection_modifyitems(self, config, items):
         if not getattr(config.option, "loadgroup", False):  # set on xdist workers under --dist loadgroup
             return
+        from _pytest.nodeid import NodeId
+
         for item in items:
             mark = item.get_closest_marker("xdist_group")
             if mark is None or "@" in item.nodeid:
                 continue
-            from _pytest.nodeid import NodeId
-
             item._id = NodeId.parse(f"{item.nodeid}@{mark.args[0]}")
 
 

@@ -20,6 +20,7 @@ report names it so a person can check the arithmetic. No torch, no model.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -89,10 +90,7 @@ class CitationReport:
         line with its count, so chat, the server and the report do not print it ten times."""
         lines = [f"citation {c.ref}: {c.status}" for c in self.citations if not c.ok]
         lines += [f"number {n.value}: not in the cited articles or the question" for n in self.numbers if not n.supported]
-        counts: dict[str, int] = {}
-        for line in lines:
-            counts[line] = counts.get(line, 0) + 1
-        return [line if n == 1 else f"{line} (×{n})" for line, n in counts.items()]
+        return [line if n == 1 else f"{line} (×{n})" for line, n in Counter(lines).items()]  # first-seen order
 
     def to_json(self) -> dict:
         return {"citations": [asdict(c) for c in self.citations], "numbers": [asdict(n) for n in self.numbers],

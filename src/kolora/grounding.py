@@ -227,12 +227,13 @@ def model_paragraphs(p: Passage) -> list[str]:
 
 
 def _trimmed(head: str, paras: list[str], size: int, tokenizer, cap: int, question: str = "") -> str:
-    """A passage (its header line, its model_paragraphs, `size` tokens in all) within `cap` tokens. The whole article when it fits; else the paragraphs that
-    share the most with the question (character bigrams, the retrieval tokenizer's), as many as
-    fit, in the article's order with '…' where paragraphs were left out: a question about
-    제3조의3 제5항 must see 제5항, not the first paragraphs (measured on the demo's test split:
-    the reference's facts visible in the context 0.42 with the first paragraphs → 0.58, `bench/
-    context_facts.py`). When no paragraph fits whole, the first paragraph's first characters that do."""
+    """A passage (its header line, its model_paragraphs, `size` tokens in all) within `cap` tokens.
+    The whole article when it fits; else the paragraphs that share the most with the question
+    (character bigrams, the retrieval tokenizer's), as many as fit, in the article's order with
+    '…' where paragraphs were left out: a question about 제3조의3 제5항 must see 제5항, not the
+    first paragraphs (measured on the demo's test split: the reference's facts visible in the
+    context 0.42 with the first paragraphs → 0.58, `bench/context_facts.py`). When no paragraph
+    fits whole, the first paragraph's first characters that do."""
     if size <= cap:
         return "\n".join([head, *paras])
     words = set(tokenize(question, "char2")) if question else set()

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import RetrievalConfig
 from .corpus import ARTICLE, CitationReader, Corpus, Passage, article_key
 from .errors import KoloraError
 
@@ -210,12 +211,12 @@ class Index:
 
 # =========================================================================== building
 def build_index(corpus: Corpus, expansions: dict[str, list[str]] | None = None, tokenizer: str = "kiwi",
-                k1: float = 1.5, b: float = 0.35) -> Index:
+                k1: float = 1.5, b: float = RetrievalConfig.bm25_b) -> Index:
     """BM25 over the corpus's passages: header + text, plus `expansions[passage_id]` (training
     questions citing it), indexed but never shown. Repealed articles are not indexed (their
     text is '삭제 <date>'); expansions for ids the corpus lacks are counted, not indexed.
 
-    b = 0.35, not the textbook 0.75: statute articles range from one line to a page, and an
+    b defaults to retrieval.bm25_b's 0.35, not the textbook 0.75: statute articles range from one line to a page, and an
     expanded article grows with every training question citing it, so full length
     normalisation buries exactly the long, often-cited articles (bench/RETRIEVAL.md: recall@3
     0.800 → 0.848 on the bundled data's held-out questions)."""
