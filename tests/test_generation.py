@@ -40,3 +40,42 @@ def test_the_output_layer_gets_a_contiguous_input_and_answers_do_not_change(tiny
     expected = [tok.decode(row[:list(row).index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row,
                            skip_special_tokens=True).strip() for row in plain.tolist()]
     assert [g.text for g in first] == [g.text for g in second] == expected
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("adapter", [False, True])
+def test_dropping_finished_rows_gives_generates_tokens(tiny_models, arch, adapter):
+    """`greedy_batch` drops a row from the batch and the KV cache at its EOS; every row must still
+    get exactly the tokens `model.generate` gives it, including rows that outlive the others and a
+    prompt that runs past Gemma-3's sliding window (64 in the tiny config)."""
+    from peft import LoraConfig, get_peft_model
+
+    from kolora.generation import greedy_batch
+
+    src = ModelSource(arch, str(tiny_models[arch]), "local")
+    tok = load_tokenizer(src)
+    texts = ["전세 기간은 몇 년인가요?", "보증금", "임대차 계약 갱신 " * 12, "묵시적 갱신과 계약 해지 통지"]
+    prompts = [tok(t).input_ids for t in texts]
+    width, pad = max(map(len, prompts)), tok.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    model = load_model(src, "float32").eval()
+    if adapter:
+        torch.manual_seed(1)
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+
+    def reference(eos, n=24):
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                                  pad_token_id=pad, eos_token_id=eos)[:, width:]
+
+    # an "EOS" that some rows produce early and others never: rows end at different steps
+    free = reference(None).tolist()
+    eos = next(t for t in free[0][1:8] if any(t not in row for row in free[1:]))
+    expected = reference(eos)
+    got = greedy_batch(model, ids, mask, 24, eos, pad)
+    ends = [row.index(eos) if eos in row else None for row in expected.tolist()]
+    assert any(e is not None and e < 23 for e in ends) and None in ends  # rows really were dropped early
+    width_out = expected.shape[1]  # generate stops when every row has ended
+    assert got[:, :width_out].tolist() == expected.tolist()
+    assert (got[:, width_out:] == pad).all()
