@@ -171,3 +171,31 @@ def test_a_hub_model_is_estimated_from_the_cached_config_without_weights(tiny_mo
     assert r.returncode == 0, r.stderr[-2000:]
     est = json.loads(r.stdout)
     assert est["parts_gib"]["weights"] > 0 and est["fits"]
+
+
+def test_a_grounded_config_is_estimated_with_its_passages(tiny_models, small_csv, tmp_path):
+    """With retrieval.corpus every training row carries its retrieved passages (the demo's rows are
+    ~3× longer); the estimate must see the rows `kolora train` plans, token for token."""
+    import re
+    from pathlib import Path
+
+    from kolora.estimator import DataProfile
+    from kolora.models import ModelSource, load_tokenizer
+
+    statutes = Path(__file__).resolve().parents[1] / "data" / "statutes"
+    flags = ["--model", str(tiny_models["llama"]), "--data", str(small_csv), "--data.max_length", "512",
+             "--retrieval.corpus", str(statutes), "--retrieval.k", "2", "--retrieval.context_tokens", "96"]
+    r = run_cli("train", *flags, "--out", str(tmp_path / "r"), "--dry-run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    planned = int(re.search(r"plan: \d+ train rows, ([\d,]+) tokens/epoch", r.stdout)[1].replace(",", ""))
+
+    cfg = tiny_cfg(tiny_models["llama"])
+    cfg.data.path, cfg.data.max_length = str(small_csv), 512
+    cfg.retrieval.corpus, cfg.retrieval.k, cfg.retrieval.context_tokens = [str(statutes)], 2, 96
+    tok = load_tokenizer(ModelSource("llama", str(tiny_models["llama"]), "local"))
+    grounded = DataProfile.from_config(cfg, tok)
+    assert sum(n for n, _ in grounded.kept(grounded.train, 512)) == planned
+    cfg.retrieval.corpus = []
+    plain = DataProfile.from_config(cfg, tok)
+    assert sum(n for n, _ in plain.train) < sum(n for n, _ in grounded.train)
+    assert [a for _, a in plain.train] == [a for _, a in grounded.train]  # passages are prompt, not answer

@@ -91,7 +91,8 @@ class RetrievalConfig:
     context_tokens: int = opt(384, "token budget of the passages in one prompt; a longer passage keeps its first paragraphs")
     oracle_p: float = opt(0.8, "share of training rows in which the article the answer cites is put among the k passages "
                                "(at a random position) when retrieval missed it; the rest keep retrieval as it came (RAFT)")
-    tokenizer: str = opt("char2", "retrieval tokenizer: char2 (character bigrams) or kiwi (Korean morphemes, offline)")
+    tokenizer: str = opt("char2", "retrieval tokenizer: char2 (character bigrams), kiwi (Korean morphemes, offline) or "
+                                "char2+kiwi (both in one index)")
     expand: bool = opt(True, "index each passage together with the training rows (question and answer) whose answers "
                              "cite it (document expansion; never validation or test rows)")
     bm25_b: float = opt(0.35, "BM25 length normalisation (0 = none, 1 = full); 0.35 measured best on the bundled "

@@ -38,6 +38,7 @@ import os
 import re
 from dataclasses import dataclass, replace
 
+from . import grounding
 from .batching import PAD_MULTIPLE
 from .device import choose_precision, current_rss, matmul_peak_gflops, meminfo, train_flops
 from .errors import KoloraError
@@ -274,6 +275,11 @@ class DataProfile:
         from .prompt import IGNORE, encode_example
 
         splits, _ = load_splits(cfg)
+        if grounding.corpus_paths(cfg):  # the rows training sees carry their retrieved passages (~3× the tokens)
+            g = grounding.build(cfg, splits["train"], splits["validation"] + splits["test"])
+            splits["train"], _ = grounding.ground_training(g, cfg, splits["train"], tokenizer)
+            for name in ("validation", "test"):
+                splits[name], _ = g.ground(splits[name], tokenizer)
 
         def rows(name):
             out = []
