@@ -199,3 +199,31 @@ def test_a_grounded_config_is_estimated_with_its_passages(tiny_models, small_csv
     plain = DataProfile.from_config(cfg, tok)
     assert sum(n for n, _ in plain.train) < sum(n for n, _ in grounded.train)
     assert [a for _, a in plain.train] == [a for _, a in grounded.train]  # passages are prompt, not answer
+
+
+def test_compiled_layers_are_estimated_with_their_calibration(tiny_models, small_csv, monkeypatch):
+    """On a CPU training compiles its decoder layers (device.resolve_compile): the estimate then
+    scales the eager probe's activations by COMPILED_ACTIVATIONS, counts no allocator slack (the
+    heap is trimmed every step), the fused head's logits buffer in the compute dtype, and the
+    compiled MFU. Gradient checkpointing turns compiling off, and the eager model back on."""
+    from kolora import estimator
+
+    cfg = tiny_cfg(tiny_models["llama"])
+    cfg.data.path, cfg.data.max_length = str(small_csv), 512
+    monkeypatch.setattr(estimator, "resolve_compile", lambda *a: (False, "off"))
+    eager = estimator.estimate(cfg)
+    monkeypatch.setattr(estimator, "resolve_compile", lambda *a: (True, "on"))
+    compiled = estimator.estimate(cfg)
+    e, c = eager.memory, compiled.memory
+    assert c.activations == pytest.approx(e.activations * estimator.COMPILED_ACTIVATIONS)
+    assert e.heap_train == pytest.approx(e.activations * (HEAP_RETENTION - 1)) and c.heap_train == 0
+    bf16 = compiled.precision in ("bf16", "fp16")
+    assert c.logits == pytest.approx(e.logits * (2 if bf16 else 4) / estimator.LOGIT_BYTES_TRAIN)
+    assert compiled.mfu == (estimator.MFU_CPU if bf16 else estimator.MFU_CPU_FP32)
+    assert eager.mfu == (estimator.MFU_CPU_EAGER if bf16 else estimator.MFU_CPU_FP32)
+    for est in (eager, compiled):
+        assert est.step_seconds == pytest.approx(est.tokens_per_step * est.flops_per_token
+                                                 / (est.device.peak_gflops * 1e9 * est.mfu))
+    cfg.train.gradient_checkpointing = True
+    ckpt = estimator.estimate(cfg).memory
+    assert not ckpt.compiled and ckpt.heap_train == pytest.approx(ckpt.activations * (HEAP_RETENTION - 1))

@@ -32,6 +32,11 @@ LEVERS: dict[str, tuple[str, str, list[str]]] = {
     "jemalloc": ("", "", [f"LD_PRELOAD={LIB}/libjemalloc.so.2"]),
     "tcmalloc": ("", "", [f"LD_PRELOAD={LIB}/libtcmalloc_minimal.so.4"]),
     "glibc-mmap-64k": ("", "", ["MALLOC_MMAP_THRESHOLD_=65536", "MALLOC_TRIM_THRESHOLD_=0"]),
+    # torch's CPU allocator: 2 MB-aligned large blocks with madvise(MADV_HUGEPAGE) (THP "madvise" mode)
+    "thp": ("", "", ["THP_MEM_ALLOC_ENABLE=1"]),
+    "thp-no-trim": ("", "no-trim", ["THP_MEM_ALLOC_ENABLE=1"]),
+    "thp-trim-every-16": ("", "trim-every-16", ["THP_MEM_ALLOC_ENABLE=1"]),
+    "no-trim": ("", "no-trim", []),
     "fp32-base-weights": ("--model.dtype float32", "", []),
     "fp32-no-autocast": ("--train.mixed_precision no", "", []),
     "batch-8x1": ("--train.batch_size 8 --train.grad_accum 1", "", []),

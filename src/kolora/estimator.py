@@ -40,16 +40,21 @@ from dataclasses import dataclass, replace
 
 from . import grounding
 from .batching import PAD_MULTIPLE
-from .device import choose_precision, current_rss, matmul_peak_gflops, meminfo, train_flops
+from .device import choose_precision, current_rss, matmul_peak_gflops, meminfo, resolve_compile, train_flops
 from .errors import KoloraError
 from .loss import EVAL_BATCH_MIN, HEAD_CHUNK_ROWS
 
 GiB = 2**30
-# MFU the training loop logged for the demo (gemma3-270m preset, bf16 autocast) on an idle
-# 2-core AVX-512 + AMX CPU: 12% of the matmul peak it measured. bench/estimate_validation.py
-# prints the MFU of each case to recalibrate it; with other jobs on the cores it falls far
-# lower (training suffers more from contention than a 0.3 s matmul does).
-MFU_CPU = 0.12
+# MFU the training loop logs on an idle CPU, as a share of the matmul peak measured in the
+# compute dtype (bench/estimate_validation.py, 2026-12-04, Intel Xeon with AMX, 2 cores, torch
+# 2.13; 6-step runs of the five cases): with compiled decoder layers (train.compile auto) and
+# bf16 autocast 0.168-0.218; eager (gradient checkpointing, which also recomputes the forward)
+# 0.111; float32 without autocast 0.479 of the (much lower) float32 peak. Before compiled layers
+# and the fused head this was one figure, 12%. With other jobs on the cores it falls far lower
+# (training suffers more from contention than a 0.3 s matmul does).
+MFU_CPU = 0.19
+MFU_CPU_EAGER = 0.11
+MFU_CPU_FP32 = 0.45
 # A GPU that is not here: typical LoRA training efficiency on consumer cards, and a peak
 # between an RTX 3060 and a 4070 (dense bf16 tensor cores). Assumptions, printed as such.
 MFU_GPU = 0.35
@@ -64,6 +69,13 @@ LIBRARIES_BYTES = 0.4 * GiB
 # ≈ 2 × the live activation bytes, while the big logits tensors (mmapped) come back exactly.
 HEAP_RETENTION = 2.0
 LOGIT_BYTES_TRAIN = 12  # per answer row per vocabulary entry, see the module docstring
+# Compiled decoder layers (the CPU default): inductor recomputes pointwise results in backward
+# instead of saving them, and the head's cross entropy is one compiled function over a reused
+# logits buffer in the compute dtype, its gradient written in place (loss.ce_and_grad). Fitted on
+# the compiled cases of bench/estimate_validation.py (2026-12-04): their resident peak is the eager
+# probe's activations × 0.85 with no allocator slack (training trims the heap after every step,
+# device.heap_trimmer; the 2 × above was measured before that trim).
+COMPILED_ACTIVATIONS = 0.85
 LOGIT_BYTES_EVAL = 8
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weight + 8-bit scale per 64 + fp32 per 256 scales
 
@@ -365,12 +377,13 @@ def parse_device(text: str, precision: str, peak_tflops: float | None) -> Device
         info = meminfo()
         total, avail = info.get("MemTotal", 0), info.get("MemAvailable", 0)
         peak = matmul_peak_gflops(precision)
-        note = f"MFU {100 * MFU_CPU:.0f}% calibrated on real CPU runs on an idle machine"
+        mfu = MFU_CPU if precision in ("bf16", "fp16") else MFU_CPU_FP32
+        note = f"MFU {100 * mfu:.0f}% calibrated on real CPU runs on an idle machine"
         load, cores = _load_average(), os.cpu_count() or 1
         if load > cores:  # threads then wait on each other; measured 10-40x slower steps here
             note += f"; NOW load {load:.1f} on {cores} cores: expect training to be several times slower"
         return Device("cpu", avail or total, f"cpu: {total / GiB:.1f} GiB RAM, {avail / GiB:.1f} GiB available",
-                      peak, MFU_CPU, note)
+                      peak, mfu, note)
     match = device_pattern(text)
     if match.group(1):
         budget = float(match.group(1)) * GiB
@@ -426,6 +439,8 @@ class Memory:
     worst_eval: tuple
     heap_train: float = 0.0  # freed activation blocks the C allocator keeps (CPU)
     heap_eval: float = 0.0
+    logit_bytes: int = LOGIT_BYTES_TRAIN  # per answer row per vocabulary entry in a training step
+    compiled: bool = False  # decoder layers compiled (activations scaled by COMPILED_ACTIVATIONS)
 
     @property
     def phases(self) -> dict:
@@ -517,8 +532,9 @@ class Estimate:
                 f"{self.profile.ckpt_per_layer / 1024:.1f} KiB per token per layer kept by gradient checkpointing, "
                 f"+ one layer recomputed ({self.profile.layer(width) / 1024:.1f} KiB per token)" if s.checkpointing else
                 f"{self.profile.layer(width) / 1024:.1f} KiB per token per layer") +
-            f" × {f.layers} layers × {rows * width:,} tokens (measured on a 1-2 layer copy)",
-            f"  logits (answers only)  {m.logits / GiB:6.2f} GiB  {min(answers, HEAD_CHUNK_ROWS)} of {answers} rows at a time × {f.vocab:,} × {LOGIT_BYTES_TRAIN} bytes",
+            f" × {f.layers} layers × {rows * width:,} tokens (measured on a 1-2 layer copy"
+            + (f"; × {COMPILED_ACTIVATIONS:g} with compiled layers)" if m.compiled else ")"),
+            f"  logits (answers only)  {m.logits / GiB:6.2f} GiB  {min(answers, HEAD_CHUNK_ROWS)} of {answers} rows at a time × {f.vocab:,} × {m.logit_bytes} bytes",
             f"  evaluation batch       {m.eval_batch / GiB:6.2f} GiB  {min(m.worst_eval[2], HEAD_CHUNK_ROWS)} answer rows at a time × {f.vocab:,} × "
             f"{LOGIT_BYTES_EVAL} bytes (batch {m.worst_eval[0]}, after the step's memory is freed)",
         ]
@@ -544,7 +560,13 @@ PHASE_WORDS = {"load": "model loading", "train": "a training step", "eval": "eva
 
 
 def memory_for(facts: ModelFacts, profile: ActivationProfile, data: DataProfile, device: Device, setting: Setting,
-               base_dtype: str, runtime: float, seed: int, rows_seen: int) -> Memory:
+               base_dtype: str, runtime: float, seed: int, rows_seen: int, compiled: bool = False,
+               compute_bytes: int = 2) -> Memory:
+    """Peak resident memory per phase. `compiled`: training compiles its decoder layers (then
+    activations × COMPILED_ACTIVATIONS, no allocator slack, the fused head's logits buffer of
+    `compute_bytes` per entry)."""
+    compiled = compiled and not setting.checkpointing and setting.quantization == "none"
+    logit_bytes = compute_bytes if compiled else LOGIT_BYTES_TRAIN
     weights = weight_bytes(facts, base_dtype, setting.quantization)
     train_batches = data.train_batches(setting.batch_size, setting.max_length, seed, rows_seen)
     if not train_batches:
@@ -554,7 +576,7 @@ def memory_for(facts: ModelFacts, profile: ActivationProfile, data: DataProfile,
     def step_bytes(shape):
         rows, width, answers = shape
         act = profile.saved(rows * width, width, facts.layers, setting.checkpointing)
-        return act, min(answers, HEAD_CHUNK_ROWS) * facts.vocab * LOGIT_BYTES_TRAIN
+        return act * (COMPILED_ACTIVATIONS if compiled else 1.0), min(answers, HEAD_CHUNK_ROWS) * facts.vocab * logit_bytes
 
     worst = max(train_batches, key=lambda b: sum(step_bytes(b)))
     act, logits = step_bytes(worst)
@@ -569,14 +591,15 @@ def memory_for(facts: ModelFacts, profile: ActivationProfile, data: DataProfile,
 
     worst_eval = max(evals, key=eval_bytes)
     on_cpu = device.kind == "cpu"
-    slack = HEAP_RETENTION - 1 if on_cpu else 0.0
+    slack = HEAP_RETENTION - 1 if on_cpu and not compiled else 0.0
     # Loading reads the checkpoint's pages while casting them; in the checkpoint's own dtype
     # the weights are those pages (measured: float32 gemma3-270m loads with no extra).
     same_dtype = abs(facts.checkpoint_bytes - weights) < 0.05 * weights
     loading = facts.checkpoint_bytes if on_cpu and not same_dtype else 0.0
     return Memory(runtime, weights, facts.lora_params * 16.0, act, logits, eval_bytes(worst_eval), loading,
                   worst, worst_eval,
-                  heap_train=slack * act, heap_eval=slack * working_set(worst_eval))
+                  heap_train=slack * act, heap_eval=slack * working_set(worst_eval), logit_bytes=logit_bytes,
+                  compiled=compiled)
 
 
 def advise(fits_with, setting: Setting, grad_accum: int, allow_qlora: bool) -> tuple[str, list[str]]:
@@ -638,8 +661,17 @@ def estimate(cfg, device: str = "cpu", peak_tflops: float | None = None, src=Non
     steps = total_steps or steps_of(cfg, len(kept))
     rows_seen = steps * cfg.train.grad_accum * cfg.train.batch_size
 
+    # training compiles its decoder layers on a CPU by default (device.resolve_compile), which
+    # keeps fewer activations and runs faster than the eager probe's shapes suggest
+    compiled = dev.kind == "cpu" and resolve_compile(cfg, False, facts.n_params)[0]
+    if dev.kind == "cpu" and not compiled and precision in ("bf16", "fp16"):
+        dev = replace(dev, mfu=MFU_CPU_EAGER, time_note=dev.time_note.replace(
+            f"MFU {100 * MFU_CPU:.0f}%", f"MFU {100 * MFU_CPU_EAGER:.0f}% (eager layers)"))
+    compute_bytes = 2 if precision in ("bf16", "fp16") else 4
+
     def memory(s: Setting) -> Memory:
-        return memory_for(facts, profile, data, dev, s, dtype, runtime, cfg.train.seed, rows_seen)
+        return memory_for(facts, profile, data, dev, s, dtype, runtime, cfg.train.seed, rows_seen, compiled,
+                          compute_bytes)
 
     mem = memory(setting)
     verdict, alternatives = advise(lambda s: memory(s).peak <= dev.budget, setting, cfg.train.grad_accum,
