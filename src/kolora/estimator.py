@@ -5,7 +5,9 @@ One model of memory serves `kolora estimate` and `kolora train --dry-run`:
     peak = runtime + weights + LoRA state + max(loading, training micro-batch, evaluation batch)
 
 On a CPU the micro-batch and evaluation terms include the allocator's slack (see
-HEAP_RETENTION): resident memory, which is what runs out, not just live tensors.
+HEAP_RETENTION): resident memory, which is what runs out, not just live tensors. Where training
+compiles its decoder layers (the CPU default) the micro-batch term is calibrated instead (see
+COMPILED_ACTIVATIONS): fewer saved activations, no slack, a smaller head buffer.
 
 - runtime: on a CPU the libraries and the tokenizer, measured in this process (the training
   process holds the same); on a GPU the CUDA context.
