@@ -159,6 +159,10 @@ def test_models_doctor_inspect(tiny_models):
     assert "skt/kogpt2-base-v2" in r.stdout
     r = run_cli("doctor")
     assert r.returncode == 0 and "torch" in r.stdout and "bf16" in r.stdout and "RAM" in r.stdout
+    # kolora's entry point turns torch's huge-page allocation on before torch loads (device.allocator_defaults)
+    assert "THP_MEM_ALLOC_ENABLE=1" in r.stdout
+    r = run_cli("doctor", env={"THP_MEM_ALLOC_ENABLE": "0"})  # a user's own choice wins
+    assert r.returncode == 0 and "THP_MEM_ALLOC_ENABLE=0" in r.stdout
     r = run_cli("inspect", str(tiny_models["gpt2"]), "--r", "8")
     assert r.returncode == 0, r.stderr
     assert "suggested LoRA targets: c_attn,c_proj,c_fc" in r.stdout and "trainable parameters" in r.stdout

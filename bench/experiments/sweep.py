@@ -69,7 +69,7 @@ def main() -> int:
     ap.add_argument("--out", default="")
     args = ap.parse_args()
 
-    from kolora.estimate import matmul_peak_gflops
+    from kolora.device import matmul_peak_gflops
 
     out_path = Path(args.out or BENCH / "results" / f"levers-{args.model}.json")
     results = read_json(out_path) if out_path.is_file() else {}

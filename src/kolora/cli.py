@@ -14,6 +14,7 @@ import sys
 
 from . import __version__
 from .config import suggest_key
+from .device import allocator_defaults
 from .errors import KoloraError, Stopped
 
 # verb -> stage module, in the order `kolora --help` lists them. A stage module defines HELP,
@@ -76,6 +77,7 @@ def quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    allocator_defaults()  # before anything imports torch
     debug = "--debug" in argv
     if not debug:
         quiet_libraries()

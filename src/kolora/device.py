@@ -119,6 +119,17 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
+def allocator_defaults() -> None:
+    """Process-wide settings of torch's CPU allocator; they take effect only if set before torch
+    allocates anything, so `kolora`'s entry point calls this first (a value the user set wins).
+
+    THP_MEM_ALLOC_ENABLE=1: blocks of 2 MB or more are 2 MB-aligned and madvise()d for transparent
+    huge pages (Linux THP in "madvise" or "always" mode; a no-op under "never" or elsewhere).
+    Measured on the demo preset, 20 steps, two runs each (bench/HISTORY.md, Intel Xeon with AMX):
+    peak RSS 3,945 / 3,794 MB → 3,286 / 3,303 MB at 383 / 383 → 377 / 394 tokens/s."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 TRIM_EVERY = 1  # optimizer steps between two malloc_trim calls (bench lever trim-every-N)
 
 

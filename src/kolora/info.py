@@ -4,6 +4,7 @@ machine can do. Nothing here trains or changes anything."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .models import inspect_model
 
@@ -73,6 +74,12 @@ def run_doctor(args) -> int:
     mem_kb = next((int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0) \
         if os.path.exists("/proc/meminfo") else 0
     print(f"RAM           {mem_kb / 2**20:.1f} GiB")
+    try:  # the bracketed word is the active mode
+        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        thp = "unknown"
+    print(f"huge pages    torch allocator THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, "
+          f"system transparent_hugepage {thp}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             prop = torch.cuda.get_device_properties(i)
