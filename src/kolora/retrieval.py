@@ -11,8 +11,9 @@ pre-tokenised input:
 - `char2`: character bigrams inside each word, no dictionary at all;
 - `char2+kiwi`: both in one index, morphemes as terms of their own ('~보증금' besides the
   bigrams '보증', '증금'), so a document matching both ways scores both. On the bundled data's
-  held-out questions (5 seeds) recall@3 0.848 → 0.862, higher on every seed, where either alone
-  gives 0.848 / 0.854 (bench/RETRIEVAL.md). Costs Kiwi's tokenisation (~2 s load, ms per text).
+  held-out questions (5 seeds) recall@3 0.848 (char2) → 0.862 at the same b 0.35, higher on every
+  seed, and 0.871 at b 0.2 (the demo presets'); kiwi alone gives 0.854 (bench/RETRIEVAL.md).
+  Costs Kiwi's tokenisation (~2 s load, then milliseconds per text).
 
 Both keep an article marker ('제3조의2') as one token: morphemes would cut it into
 제 / 3 / 조 / 의 / 2, which matches every article with a 3 or a 2 in it.
