@@ -290,10 +290,7 @@ class DataProfile:
 
         splits, _ = load_splits(cfg)
         if grounding.corpus_paths(cfg):  # the rows training sees carry their retrieved passages (~3× the tokens)
-            g = grounding.build(cfg, splits["train"], splits["validation"] + splits["test"])
-            splits["train"], _ = grounding.ground_training(g, cfg, splits["train"], tokenizer)
-            for name in ("validation", "test"):
-                splits[name], _ = g.ground(splits[name], tokenizer)
+            grounding.ground_splits(cfg, splits, tokenizer)
 
         def rows(name):
             out = []
@@ -373,14 +370,19 @@ def device_pattern(text: str):
     return match
 
 
-def parse_device(text: str, precision: str, peak_tflops: float | None) -> Device:
+def parse_device(text: str, precision: str, peak_tflops: float | None, compiled: bool = True) -> Device:
+    """The device an estimate is for; on a CPU `compiled` says whether training compiles its
+    decoder layers, which decides the calibrated MFU."""
     text = text.strip().lower()
     if text == "cpu":
         info = meminfo()
         total, avail = info.get("MemTotal", 0), info.get("MemAvailable", 0)
         peak = matmul_peak_gflops(precision)
-        mfu = MFU_CPU if precision in ("bf16", "fp16") else MFU_CPU_FP32
-        note = f"MFU {100 * mfu:.0f}% calibrated on real CPU runs on an idle machine"
+        if precision not in ("bf16", "fp16"):
+            mfu, how = MFU_CPU_FP32, "float32"
+        else:
+            mfu, how = (MFU_CPU, "compiled layers") if compiled else (MFU_CPU_EAGER, "eager layers")
+        note = f"MFU {100 * mfu:.0f}% ({how}) calibrated on real CPU runs on an idle machine"
         load, cores = _load_average(), os.cpu_count() or 1
         if load > cores:  # threads then wait on each other; measured 10-40x slower steps here
             note += f"; NOW load {load:.1f} on {cores} cores: expect training to be several times slower"
@@ -567,6 +569,7 @@ def memory_for(facts: ModelFacts, profile: ActivationProfile, data: DataProfile,
     """Peak resident memory per phase. `compiled`: training compiles its decoder layers (then
     activations × COMPILED_ACTIVATIONS, no allocator slack, the fused head's logits buffer of
     `compute_bytes` per entry)."""
+    # advise() also tries settings under which training would not compile (device.resolve_compile)
     compiled = compiled and not setting.checkpointing and setting.quantization == "none"
     logit_bytes = compute_bytes if compiled else LOGIT_BYTES_TRAIN
     weights = weight_bytes(facts, base_dtype, setting.quantization)
@@ -654,7 +657,10 @@ def estimate(cfg, device: str = "cpu", peak_tflops: float | None = None, src=Non
     elif runtime is None:
         runtime = training_runtime_bytes()
     facts = model_facts(cfg, src)
-    dev = parse_device(device, precision, peak_tflops)
+    # training compiles its decoder layers on a CPU by default (device.resolve_compile), which
+    # keeps fewer activations and runs faster than the eager probe's shapes suggest
+    compiled = not on_cuda and resolve_compile(cfg, False, facts.n_params)[0]
+    dev = parse_device(device, precision, peak_tflops, compiled)
     dtype = choose_precision(precision, cfg.model.dtype, cuda=on_cuda, cuda_bf16=True).weights
     profile = probe_activations(facts, cfg, precision)
     setting = Setting(cfg.train.batch_size, cfg.data.max_length, cfg.train.gradient_checkpointing,
@@ -663,12 +669,6 @@ def estimate(cfg, device: str = "cpu", peak_tflops: float | None = None, src=Non
     steps = total_steps or steps_of(cfg, len(kept))
     rows_seen = steps * cfg.train.grad_accum * cfg.train.batch_size
 
-    # training compiles its decoder layers on a CPU by default (device.resolve_compile), which
-    # keeps fewer activations and runs faster than the eager probe's shapes suggest
-    compiled = dev.kind == "cpu" and resolve_compile(cfg, False, facts.n_params)[0]
-    if dev.kind == "cpu" and not compiled and precision in ("bf16", "fp16"):
-        dev = replace(dev, mfu=MFU_CPU_EAGER, time_note=dev.time_note.replace(
-            f"MFU {100 * MFU_CPU:.0f}%", f"MFU {100 * MFU_CPU_EAGER:.0f}% (eager layers)"))
     compute_bytes = 2 if precision in ("bf16", "fp16") else 4
 
     def memory(s: Setting) -> Memory:

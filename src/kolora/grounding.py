@@ -176,6 +176,18 @@ def ground_training(g: Grounding, cfg: RunConfig, train: list[Example], tokenize
 
 
 # --------------------------------------------------------------------------- the context text
+def ground_splits(cfg: RunConfig, splits: dict, tokenizer) -> tuple[Grounding, dict]:
+    """Put retrieved passages before every question of the train / validation / test splits (in
+    place), as training does: the index learns from the training rows only, training rows get the
+    seeded oracle insertion, held-out rows are retrieved for as chat and eval will. Returns the
+    grounding and ground_training's counts."""
+    g = build(cfg, splits["train"], splits["validation"] + splits["test"])
+    splits["train"], counts = ground_training(g, cfg, splits["train"], tokenizer)
+    for name in ("validation", "test"):
+        splits[name], _ = g.ground(splits[name], tokenizer)
+    return g, counts
+
+
 def with_context(ex: Example, hits: list[Hit], tokenizer, budget: int) -> Example:
     return replace(ex, context=render_context([h.passage for h in hits], tokenizer, budget, ex.question))
 

@@ -280,12 +280,9 @@ def ground_splits(t: Trainer) -> None:
     """Retrieved passages before every question (retrieval.corpus): the index learns from the
     training questions only; held-out rows are retrieved for exactly as chat and eval will."""
     cfg = t.cfg
-    t.grounding = grounding.build(cfg, t.splits["train"], t.splits["validation"] + t.splits["test"])
+    t.grounding, counts = grounding.ground_splits(cfg, t.splits, t.tokenizer)
     for line in t.grounding.corpus.report + t.grounding.index.report:
         t.say(line)
-    t.splits["train"], counts = grounding.ground_training(t.grounding, cfg, t.splits["train"], t.tokenizer)
-    for name in ("validation", "test"):
-        t.splits[name], _ = t.grounding.ground(t.splits[name], t.tokenizer)
     r = cfg.retrieval
     t.say(f"retrieval: {len(t.grounding.corpus)} passages, top {r.k} within {r.context_tokens} tokens "
           f"({r.tokenizer}); training rows citing an article: {counts['citing']} of {counts['rows']}, "
