@@ -102,12 +102,11 @@ def _tokens(text: str, tokenizer: str) -> tuple[str, ...]:
     # cached: Kiwi takes ~10 ms per article on a busy 2-core CPU, and rebuilding an index
     # with other expansions (each split, each seed) tokenises the same articles again
     rest, tokens = _articles(unicodedata.normalize("NFKC", text))
-    if tokenizer != "kiwi":
-        tokens += _char2_words(rest)
     if tokenizer == "kiwi":
-        tokens += _kiwi_words(rest)
-    elif tokenizer == "char2+kiwi":
-        tokens += ["~" + w for w in _kiwi_words(rest)]  # '~': never a bigram, never an article marker
+        return tuple(tokens + _kiwi_words(rest))
+    tokens += _char2_words(rest)
+    if tokenizer == "char2+kiwi":  # '~': never part of a bigram or an article marker
+        tokens += ["~" + w for w in _kiwi_words(rest)]
     return tuple(tokens)
 
 
