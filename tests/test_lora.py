@@ -277,3 +277,39 @@ def test_batched_answer_losses_equal_one_example_at_a_time(tiny_models, arch):
     for (a, _), (b, _) in zip(alone, batched):
         assert abs(a - b) <= 1e-4 * abs(a), (a, b)
 
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adapters_on_the_top_layers_only_and_no_backward_below(tiny_models, arch, tmp_path):
+    """lora.layers N: adapters on the last N decoder layers; nothing below them keeps a gradient
+    graph (that is the speed-up), the adapter reloads with stock peft on the same layers."""
+    import re
+
+    src = ModelSource(arch, str(tiny_models[arch]), "local")
+    tok = load_tokenizer(src)
+    cfg = RunConfig()
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.layers = 4, 8, 0.0, 1
+    model, targets = attach_lora(load_model(src, "float32"), cfg)
+    adapted = {int(re.search(r"\.(\d+)\.", n)[1]) for n, _ in model.named_parameters() if "lora_" in n}
+    assert adapted == {1}, f"adapters on layers {adapted}, expected only the top one"
+
+    seen = {}
+    layers = [m for n, m in model.named_modules() if re.fullmatch(r".*\.(h|layers)\.\d+", n)]
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, (out[0] if isinstance(out, tuple) else out).requires_grad))
+    exs = [Example("전세권이란?", "민법 제303조에 따른 권리입니다.")]
+    batch = collate([Tokenized(*encode_example(tok, e)) for e in exs], tok.pad_token_id)
+    loss_sum, n = answer_loss_module(model)(**batch)
+    assert seen == {0: False, 1: True}, "the layer below the adapters must not build a backward graph"
+    (loss_sum / n).backward()
+    assert all(p.grad is not None for n_, p in model.named_parameters() if "lora_" in n_)
+
+    from peft import PeftModel
+
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(load_model(src, "float32"), tmp_path / "adapter")
+    assert {n for n, _ in reloaded.named_parameters() if "lora_" in n} == {n for n, _ in model.named_parameters() if "lora_" in n}
+
+    cfg.lora.layers = 2  # as many as the model has, or more: every layer
+    model, _ = attach_lora(load_model(src, "float32"), cfg)
+    assert {int(re.search(r"\.(\d+)\.", n)[1]) for n, _ in model.named_parameters() if "lora_" in n} == {0, 1}

@@ -53,6 +53,8 @@ class LoraConfig:
     target_modules: Any = opt("auto", "modules that get adapters: auto (per architecture, see `kolora inspect`), all-linear, or a comma-separated list")
     use_rslora: bool = opt(False, "rank-stabilised LoRA scaling (alpha / sqrt(r))")
     use_dora: bool = opt(False, "weight-decomposed LoRA (DoRA); slower, sometimes better at low rank")
+    layers: int = opt(0, "adapters only on the last N decoder layers; 0 = every layer. Backward stops below the lowest "
+                         "adapted layer, so a step over half the layers costs about a third less")
 
 
 @dataclass

@@ -243,13 +243,17 @@ def matmul_peak_gflops(dtype_name: str, seconds: float = 0.3, device: str = "cpu
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def train_flops(model, tokens: int, answer_tokens: int, seq_len: float, lora_params: int) -> float:
+def train_flops(model, tokens: int, answer_tokens: int, seq_len: float, lora_params: int,
+                backward_layers: int = 0) -> float:
     """FLOPs of one training pass over `tokens` (frozen base, LoRA trained).
 
     Per token: 4·N for the frozen body (forward 2N + activation gradients 2N; no weight
     gradients), 6·N_lora for the adapters (they also get weight gradients), and attention
     4·layers·seq·d_attn forward, twice that backward. The output layer (2·V·d forward +
-    2·V·d backward) runs only at answer positions."""
+    2·V·d backward) runs only at answer positions. With adapters on the top `backward_layers`
+    only (lora.layers; 0 = all), the backward runs through those layers alone, so the body's
+    activation gradients and the attention backward shrink by that share: MFU counts only the
+    arithmetic that was done."""
     config = model.config
     emb = model.get_input_embeddings().weight
     vocab, hidden = emb.shape
@@ -257,5 +261,6 @@ def train_flops(model, tokens: int, answer_tokens: int, seq_len: float, lora_par
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    attention = 3 * 4 * layers * seq_len * heads * head_dim
-    return tokens * (4 * n_body + 6 * lora_params + attention) + answer_tokens * 4 * vocab * hidden
+    share = min(backward_layers, layers) / layers if backward_layers and layers else 1.0
+    attention = 4 * layers * seq_len * heads * head_dim * (1 + 2 * share)
+    return tokens * (2 * n_body * (1 + share) + 6 * lora_params + attention) + answer_tokens * 4 * vocab * hidden

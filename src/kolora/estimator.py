@@ -97,6 +97,7 @@ class ModelFacts:
     layers: int
     targets: list
     lora_params: int
+    trained_layers: int  # decoder layers with adapters (lora.layers): autograd keeps activations of these only
     checkpoint_bytes: int
 
 
@@ -109,7 +110,7 @@ def model_facts(cfg, src=None) -> ModelFacts:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .models import lora_param_count, resolve, target_modules
+    from .models import adapted_layers, lora_param_count, resolve, target_modules
 
     src = src or resolve(cfg.model.name)
     try:
@@ -123,6 +124,7 @@ def model_facts(cfg, src=None) -> ModelFacts:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
     targets = target_modules(model, cfg.lora.target_modules)
+    trained = len(adapted_layers(model, cfg.lora.layers) or range(layer_count(config)))
     head = model.get_output_embeddings()
     # bitsandbytes replaces every Linear (and GPT-2's Conv1D) except the output layer
     layer_linear = sum(m.weight.numel() for m in model.modules()
@@ -132,7 +134,8 @@ def model_facts(cfg, src=None) -> ModelFacts:
     return ModelFacts(
         name=cfg.model.name, kind=src.kind, path=src.path, model=model, config=config, n_params=n_params,
         n_layer_linear=layer_linear, vocab=emb.shape[0], hidden=emb.shape[1], layers=layer_count(config),
-        targets=targets, lora_params=lora_param_count(model, targets, cfg.lora.r),
+        targets=targets, lora_params=lora_param_count(model, targets, cfg.lora.r) * trained // layer_count(config),
+        trained_layers=trained,
         checkpoint_bytes=checkpoint_bytes(src, config, n_params))
 
 
@@ -580,7 +583,9 @@ def memory_for(facts: ModelFacts, profile: ActivationProfile, data: DataProfile,
 
     def step_bytes(shape):
         rows, width, answers = shape
-        act = profile.saved(rows * width, width, facts.layers, setting.checkpointing)
+        # checkpointing makes the inputs require a gradient, so then every layer keeps its checkpoint
+        kept_layers = facts.layers if setting.checkpointing else facts.trained_layers
+        act = profile.saved(rows * width, width, kept_layers, setting.checkpointing)
         return act * (COMPILED_ACTIVATIONS if compiled else 1.0), min(answers, HEAD_CHUNK_ROWS) * facts.vocab * logit_bytes
 
     worst = max(train_batches, key=lambda b: sum(step_bytes(b)))
@@ -684,7 +689,8 @@ def estimate(cfg, device: str = "cpu", peak_tflops: float | None = None, src=Non
         verdict = f"fits ({mem.peak / GiB:.1f} of {dev.budget / GiB:.1f} GiB)"
 
     mean_len = data.mean_length(setting.max_length)
-    flops_tok = train_flops(facts.model, 1, data.answer_fraction(setting.max_length), mean_len, facts.lora_params)
+    flops_tok = train_flops(facts.model, 1, data.answer_fraction(setting.max_length), mean_len, facts.lora_params,
+                           cfg.lora.layers)
     tokens_step = cfg.train.batch_size * cfg.train.grad_accum * mean_len
     rate = dev.peak_gflops * 1e9 * dev.mfu
     # Evaluation is a forward pass, about half a training pass per token. Validation (half of

@@ -398,13 +398,30 @@ def inspect_model(name: str, r: int = 16, trust_remote_code: bool = False) -> st
     return "\n".join(lines)
 
 
+def num_layers(config) -> int:
+    return getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+
+
+def adapted_layers(model, last: int) -> list[int] | None:
+    """Indices of the decoder layers that get adapters: the last `last` of them, or None for all.
+
+    Only the top layers: nothing below the lowest adapted layer needs a gradient, so autograd
+    neither keeps those layers' activations nor runs their backward."""
+    total = num_layers(model.config)
+    if not last or last >= total:
+        return None
+    if last < 0:
+        raise KoloraError(f"lora.layers is {last}", "give the number of top decoder layers to adapt (0 = all)")
+    return list(range(total - last, total))
+
+
 def attach_lora(model, cfg):
     """A peft LoRA adapter on the resolved target modules: (peft model, targets)."""
     from peft import LoraConfig, get_peft_model
 
     targets = target_modules(model, cfg.lora.target_modules)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=targets, use_rslora=cfg.lora.use_rslora, use_dora=cfg.lora.use_dora,
+                      target_modules=targets, layers_to_transform=adapted_layers(model, cfg.lora.layers), use_rslora=cfg.lora.use_rslora, use_dora=cfg.lora.use_dora,
                       fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2's Conv1D stores W transposed
                       bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora), targets

@@ -599,7 +599,8 @@ def log_progress(t: Trainer, meter: _Meter, grad_norm, micro_batches: int, t_sta
     tokens, answers = state["tokens"] - meter.tokens, state["answer_tokens"] - meter.answers
     dt = max(now - meter.time, 1e-9)
     tps = tokens * procs / dt
-    mfu = train_flops(t.unwrapped.model, tokens, answers, t.mean_len, t.n_train) / dt / t.peak if t.peak else None
+    mfu = train_flops(t.unwrapped.model, tokens, answers, t.mean_len, t.n_train,
+                     0 if t.cfg.train.gradient_checkpointing else t.cfg.lora.layers) / dt / t.peak if t.peak else None
     loss_avg = sum(meter.losses) / len(meter.losses)
     t.log({"kind": "train", "step": state["step"], "epoch": state["micro_step"] / micro_batches, "loss": loss_avg,
            "lr": t.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tps,
