@@ -79,3 +79,38 @@ def test_dropping_finished_rows_gives_generates_tokens(tiny_models, arch, adapte
     width_out = expected.shape[1]  # generate stops when every row has ended
     assert got[:, :width_out].tolist() == expected.tolist()
     assert (got[:, width_out:] == pad).all()
+
+
+def test_verify_replaces_a_failing_answer_with_the_first_candidate_that_passes(monkeypatch):
+    """--verify: only answers the check rejects are answered again; the first sampled candidate
+    that passes, stops and still cites (where the first answer cited) replaces it; where none
+    passes the first answer stays, marked tries=0."""
+    from types import SimpleNamespace
+
+    from kolora import generation as G
+    from kolora.data import Example
+
+    first = [G.Generation("좋은 답 제1조", 5, True), G.Generation("나쁜 답", 5, True),
+             G.Generation("나쁜 답 제5조", 5, True)]
+    candidates = [G.Generation(t, 3, stopped) for t, stopped in [
+        ("나쁜 후보", True), ("좋은 후보 제2조", False), ("좋은 후보 제3조", True),  # for the second question
+        ("좋은 답이지만 인용 없음", True), ("나쁜 y 제6조", True), ("나쁜 z", True)]]  # for the third
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, gen, streamer=None):
+        calls.append((prompts, gen))
+        return candidates[:len(prompts)], {"new_tokens": 3 * len(prompts), "seconds": 0.0}
+
+    monkeypatch.setattr(G, "generate_details", fake_generate)
+
+    def check(answer, ex):
+        return SimpleNamespace(unsupported=["x"] if "나쁜" in answer else [], cites="제" in answer)
+
+    examples = [Example(f"질문 {i}", "") for i in range(3)]
+    out, counts = G.verified(None, None, [[1], [2], [3]], examples, first, G.GenConfig(verify=3, seed=5), check, 32)
+    assert len(calls) == 1 and calls[0][0] == [[2], [2], [2], [3], [3], [3]]
+    assert calls[0][1].temperature == G.VERIFY_TEMPERATURE and calls[0][1].seed == 5
+    assert out[0] == first[0]  # passed: never answered again
+    assert (out[1].text, out[1].tries, out[1].first) == ("좋은 후보 제3조", 4, "나쁜 답")  # not the unstopped one
+    assert (out[2].text, out[2].tries) == ("나쁜 답 제5조", 0)  # a candidate that drops the citation does not count
+    assert counts["failed_first"] == 2 and counts["replaced"] == 1

@@ -9,7 +9,7 @@ from contextlib import nullcontext
 from . import grounding
 from .data import Example, read_jsonl
 from .errors import KoloraError
-from .generation import GenConfig, add_gen_flags, gen_config, generate, generate_batched, load_tuned
+from .generation import VERIFY_FLAG, GenConfig, add_gen_flags, gen_config, generate, generate_batched, load_tuned
 from .grounding import sources_line
 from .prompt import encode_prompt
 from .runs import open_run
@@ -26,6 +26,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-retrieval", action="store_true",
                    help="a grounded run answers without retrieved passages (the ungrounded answer, for comparison)")
     add_gen_flags(p)
+    p.add_argument(VERIFY_FLAG[0], type=int, default=0, metavar="N", help=VERIFY_FLAG[1])
 
 
 def run(args) -> int:
@@ -45,6 +46,20 @@ def sources(g, answer: str, question: str, hits) -> list[str]:
     lines = [sources_line(hits, cited)]
     lines += [f"  확인 필요 (check): {claim}" for claim in report.unsupported]
     return lines
+
+
+def checker(g):
+    """The citation check `--verify` answers again by (None for an ungrounded answer)."""
+    if g is None:
+        return None
+    return lambda answer, ex: g.check(answer, ex.question, [])
+
+
+def verify_line(answer) -> str:
+    if answer.tries == 0:
+        return "  검증 (--verify): 다시 답한 후보도 모두 확인에 실패해 첫 답변을 그대로 둡니다 (no candidate passed)"
+    return (f"  검증 (--verify): 첫 답변이 확인에 실패해 {answer.tries - 1}번째 후보로 바꿨습니다 "
+            f"(first answer: {clip(answer.first, 200)})")
 
 
 def clip(text: str, limit: int = 400) -> str:
@@ -67,16 +82,19 @@ def quick_test(run_path: str, n: int, gen: GenConfig, compare: bool = False, bas
         picked, hits = g.ground(picked, tokenizer)
     questions = [ex.question for ex in picked]
     rows = [{"question": ex.question, "reference": ex.answer} for ex in picked]
+    check = checker(g)
     if compare or base:
         print(f"generating base-model answers for {len(questions)} test questions …", file=sys.stderr, flush=True)
-        base_answers, bstats = generate_batched(model, tokenizer, cfg, picked, gen, base=True)
+        base_answers, bstats = generate_batched(model, tokenizer, cfg, picked, gen, base=True, check=check)
         for r, a in zip(rows, base_answers):
             r["base"] = a.text
     if not base:
         print(f"generating tuned answers for {len(questions)} test questions …", file=sys.stderr, flush=True)
-        tuned, tstats = generate_batched(model, tokenizer, cfg, picked, gen)
+        tuned, tstats = generate_batched(model, tokenizer, cfg, picked, gen, check=check)
         for r, a in zip(rows, tuned):
             r["tuned"] = a.text
+            if a.tries != 1:
+                r["verify"] = verify_line(a)
     for i, r in enumerate(rows, 1):
         print(f"\n[{i}/{len(rows)}] 질문: {r['question']}")
         print(f"  참고 답변: {r['reference']}")
@@ -87,6 +105,8 @@ def quick_test(run_path: str, n: int, gen: GenConfig, compare: bool = False, bas
         if g is not None:
             for line in sources(g, r.get("tuned", r.get("base", "")), r["question"], hits[i - 1]):
                 print(f"  {line}")
+        if "verify" in r:
+            print(f"  {r['verify']}")
     speed = tstats if not base else bstats
     print(f"\n(generation: {speed['new_tokens']} tokens, {speed['tokens_per_s']:.1f} tokens/s)")
     return rows
@@ -105,9 +125,16 @@ def interactive(run_path: str, gen: GenConfig, base: bool = False, question: str
         ex, hits = Example(q, ""), []
         if g is not None:
             [ex], [hits] = g.ground([ex], tokenizer)
-        prompt = encode_prompt(tokenizer, ex, cfg.data.system_prompt, cfg.data.template)
-        with model.disable_adapter() if use_base else nullcontext():
-            texts, s = generate(model, tokenizer, [prompt], gen, streamer)
+        if g is not None and gen.verify > 0:  # checked before it is shown: not streamed
+            [answer], s = generate_batched(model, tokenizer, cfg, [ex], gen, base=use_base, check=checker(g))
+            print(answer.text)
+            if answer.tries != 1:
+                print(verify_line(answer))
+            texts = [answer.text]
+        else:
+            prompt = encode_prompt(tokenizer, ex, cfg.data.system_prompt, cfg.data.template)
+            with model.disable_adapter() if use_base else nullcontext():
+                texts, s = generate(model, tokenizer, [prompt], gen, streamer)
         if g is not None:
             for line in sources(g, texts[0], q, hits):
                 print(line)

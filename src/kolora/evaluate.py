@@ -31,7 +31,7 @@ from . import grounding
 from .data import SPLITS, load_examples, read_jsonl
 from .device import inference_dtype
 from .errors import KoloraError
-from .generation import GenConfig, add_gen_flags, gen_config, generate_batched, load_plain, load_tuned
+from .generation import VERIFY_FLAG, GenConfig, add_gen_flags, gen_config, generate_batched, load_plain, load_tuned
 from .grounding import with_context
 from .loss import answer_losses
 from .metrics import METRIC_NOTES, METRICS, answer_metrics, delta, health_warnings, side_block, verdict
@@ -99,14 +99,23 @@ def evaluate_side(side: Side, plan: Plan, gen, batch_size: int) -> tuple[list[di
             losses = answer_losses(model, tokenizer, cfg, examples, bar)
             loss_s = time.time() - t1
         with tqdm(total=len(examples), desc=f"{side.name}: answers", unit="q", dynamic_ncols=True) as bar:
-            generations, stats = generate_batched(model, tokenizer, cfg, examples, gen, batch_size, bar)
+            check = None
+            if side.grounded and plan.grounding is not None:  # verification needs the passages it answers from
+                def check(answer, ex):
+                    return plan.grounding.check(answer, ex.question, [])
+            generations, stats = generate_batched(model, tokenizer, cfg, examples, gen, batch_size, bar, check=check)
     rows = [answer_metrics(g.text, ex.answer, g.stopped, g.new_tokens, loss, n)
             for ex, g, (loss, n) in zip(examples, generations, losses)]
     if plan.grounding is not None:  # every answer's citations are checked, grounded side or not
         for row, ex in zip(rows, plan.examples):
             row["citation"] = citation_row(plan.grounding.check(row["answer"], ex.question, []))
+    for row, g in zip(rows, generations):
+        if g.tries != 1:  # --verify: which candidate was kept, and the first answer it replaced
+            row["verify"] = {"tries": g.tries, "first": g.first}
     timing = {"load_s": round(load_s, 1), "perplexity_s": round(loss_s, 1), "generation_s": stats["seconds"],
               "new_tokens": stats["new_tokens"], "tokens_per_s": stats["tokens_per_s"]}
+    if "verify" in stats:
+        timing["verify"] = stats["verify"]
     return rows, timing
 
 
@@ -293,6 +302,7 @@ def add_arguments(p) -> None:
         "--temperature": "0 = greedy (default, deterministic)",
         "--repetition-penalty": "1.0 (default, as chat) measures the model as it is; a penalty would hide loops"})
     p.set_defaults(max_new_tokens=None)  # from the references (answer_budget)
+    p.add_argument(VERIFY_FLAG[0], type=int, default=0, metavar="N", help=VERIFY_FLAG[1])
     p.add_argument("--no-retrieval", action="store_true",
                    help="a grounded run answers without its retrieved passages (the ungrounded answer, for comparison)")
     p.add_argument("--four-way", action="store_true",

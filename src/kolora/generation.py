@@ -34,6 +34,9 @@ class GenConfig:
     # included; llama.cpp and Ollama only the last 64, so any penalty > 1 makes them differ)
     repetition_penalty: float = 1.0
     seed: int = 0
+    # grounded runs (chat, eval): an answer that fails the citation check is answered again by
+    # sampling up to `verify` candidates, and the first that passes replaces it (0 = off)
+    verify: int = 0
 
 
 GEN_FLAGS = {  # flag -> (GenConfig field, type, help)
@@ -41,8 +44,12 @@ GEN_FLAGS = {  # flag -> (GenConfig field, type, help)
     "--temperature": ("temperature", float, "0 = greedy (deterministic)"),
     "--top-p": ("top_p", float, "nucleus sampling (with --temperature > 0)"),
     "--repetition-penalty": ("repetition_penalty", float, "1.0 = none"),
-    "--seed": ("seed", int, "sampling seed (with --temperature > 0)"),
+    "--seed": ("seed", int, "sampling seed (with --temperature > 0 or --verify)"),
 }
+# chat and eval only: a served answer streams as it is written and cannot be taken back
+VERIFY_FLAG = ("--verify", "grounded runs: an answer that fails the citation check (an article the corpus lacks, a "
+                           "number no cited article states) is answered again, up to N sampled candidates, and the "
+                           "first that passes replaces it (0 = off)")
 
 
 def add_gen_flags(p, defaults: GenConfig | None = None, helps: dict[str, str] | None = None) -> None:
@@ -99,6 +106,8 @@ class Generation:
     text: str
     new_tokens: int
     stopped: bool  # ended with EOS within max_new_tokens (False: cut off by the token budget)
+    tries: int = 1  # with GenConfig.verify: which answer was kept (1 = the first; 0 = none passed, the first kept)
+    first: str | None = None  # the first answer, where a later one replaced it
 
 
 def contiguous_head_input(model) -> None:
@@ -207,10 +216,12 @@ def generate(model, tokenizer, prompts: list[list[int]], gen: GenConfig, streame
 
 
 def generate_batched(model, tokenizer, cfg, examples: list[Example], gen: GenConfig, batch_size: int = 8,
-                     progress=None, base: bool = False):
+                     progress=None, base: bool = False, check=None):
     """Answers to `examples` in the training prompt format, `batch_size` at a time. Prompts are
     sorted by length so a batch pads less; results come back in the examples' order. With
-    `base` the adapter is disabled (the base model answers). Returns (generations, speed)."""
+    `base` the adapter is disabled (the base model answers). With `check(answer, example)` (a
+    grounded run's citation check) and `gen.verify`, failing answers are answered again
+    (`verified`). Returns (generations, speed)."""
     from contextlib import nullcontext
 
     prompts = [encode_prompt(tokenizer, Example(ex.question, "", history=ex.history, system=ex.system, context=ex.context),
@@ -228,8 +239,54 @@ def generate_batched(model, tokenizer, cfg, examples: list[Example], gen: GenCon
             new_tokens += stats["new_tokens"]
             if progress:
                 progress.update(len(chunk))
-    return results, {"seconds": round(seconds, 1), "new_tokens": new_tokens,
-                     "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1)}
+        speed = {"seconds": round(seconds, 1), "new_tokens": new_tokens,
+                 "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1)}
+        if check is not None and gen.verify > 0:
+            results, speed["verify"] = verified(model, tokenizer, prompts, examples, results, gen, check, batch_size)
+    return results, speed
+
+
+VERIFY_TEMPERATURE = 0.7  # candidates differ from the greedy answer yet stay close to it
+
+
+def verified(model, tokenizer, prompts, examples, first: list[Generation], gen: GenConfig, check, batch_size: int):
+    """Answer again where the first answer fails the citation check.
+
+    A small grounded model gets the form of an answer right far more often than its article
+    and paragraph numbers and figures, and the check (every cited article exists, every number
+    is in a cited article or the question) finds most of those slips without a model. For each
+    answer it rejects, `gen.verify` candidates are sampled (temperature 0.7, `gen.seed`) and
+    the first that passes, stops with EOS and still cites an article (where the first answer
+    did) replaces it. Where none passes the first answer stays, so nothing is hidden: the
+    caller still checks and reports what is kept. Returns (generations, counts)."""
+    import dataclasses
+
+    def passes(g: Generation, ex: Example, cited: bool) -> bool:
+        report = check(g.text, ex)
+        return not report.unsupported and g.stopped and (report.cites or not cited)
+
+    failing = []
+    for i, (ex, g) in enumerate(zip(examples, first)):
+        report = check(g.text, ex)
+        if report.unsupported:
+            failing.append((i, report.cites))
+    t0, sampled, out = time.time(), 0, list(first)
+    sample = dataclasses.replace(gen, temperature=VERIFY_TEMPERATURE)
+    for start in range(0, len(failing), max(1, batch_size // gen.verify)):
+        chunk = failing[start:start + max(1, batch_size // gen.verify)]
+        rows, stats = generate_details(model, tokenizer, [prompts[i] for i, _ in chunk for _ in range(gen.verify)],
+                                       dataclasses.replace(sample, seed=gen.seed + start))
+        sampled += stats["new_tokens"]
+        for n, (i, cited) in enumerate(chunk):
+            tries = rows[n * gen.verify:(n + 1) * gen.verify]
+            kept = next((t for t in range(len(tries)) if passes(tries[t], examples[i], cited)), None)
+            if kept is None:
+                out[i] = dataclasses.replace(first[i], tries=0)
+            else:
+                out[i] = dataclasses.replace(tries[kept], tries=kept + 2, first=first[i].text)
+    return out, {"checked": len(first), "failed_first": len(failing),
+                 "replaced": sum(g.tries > 1 for g in out), "sampled_tokens": sampled,
+                 "seconds": round(time.time() - t0, 1)}
 
 
 # --------------------------------------------------------------------------- after training
