@@ -313,3 +313,61 @@ def test_adapters_on_the_top_layers_only_and_no_backward_below(tiny_models, arch
     cfg.lora.layers = 2  # as many as the model has, or more: every layer
     model, _ = attach_lora(load_model(src, "float32"), cfg)
     assert {int(re.search(r"\.(\d+)\.", n)[1]) for n, _ in model.named_parameters() if "lora_" in n} == {0, 1}
+
+
+def test_cpu_lora_dropout_keeps_p_and_the_scale_and_draws_independent_masks():
+    """kolora::keep_mask drops a share p of the entries (p rounded to 1/65536), follows torch's
+    seed, and gives different masks for different calls and salts, compiled too (inductor must
+    neither deduplicate two calls nor recompute one in backward)."""
+    from kolora.models import keep_mask_op
+
+    op = keep_mask_op()
+    x = torch.ones(1000, 1000)
+    torch.manual_seed(3)
+    a, b = op(x, 0.05, 0), op(x, 0.05, 0)
+    torch.manual_seed(3)
+    assert torch.equal(op(x, 0.05, 0), a)  # seeded
+    assert abs((~a).float().mean().item() - 0.05) < 0.002 and not torch.equal(a, b)
+    assert a.shape == x.shape and a.dtype == torch.bool
+
+    def dropped(v):
+        m1, m2 = op(v, 0.5, 0), op(v, 0.5, 1)
+        return v * m1 * 2.0, v * m2 * 2.0
+
+    v = torch.ones(64, 64, requires_grad=True)
+    y1, y2 = torch.compile(dropped, fullgraph=True)(v)
+    assert not torch.equal(y1, y2)  # two masks, not one deduplicated call
+    (y1.sum() + 10 * y2.sum()).backward()
+    # the gradient uses the masks of the forward: 2 where y1 kept, 20 where y2 kept
+    assert torch.equal(v.grad, (y1 > 0).float() * 2.0 + (y2 > 0).float() * 20.0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cpu_lora_dropout_replaces_every_lora_dropout_and_is_off_in_eval(tiny_models, arch):
+    from kolora.models import cpu_lora_dropout
+
+    src = ModelSource(arch, str(tiny_models[arch]), "local")
+    tok = load_tokenizer(src)
+    cfg = RunConfig()
+    cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 4, 8, 0.5
+    peft_model, _ = attach_lora(load_model(src, "float32"), cfg)
+    for name, p in peft_model.named_parameters():  # B = 0 at init would hide the dropout
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    exs = [Example("전세권이란?", "민법 제303조에 따른 권리입니다.")]
+    batch = collate([Tokenized(*encode_example(tok, e)) for e in exs], tok.pad_token_id)
+    peft_model.eval()
+    with torch.no_grad():
+        before = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    n_lora = sum(1 for m in peft_model.modules() if hasattr(m, "lora_dropout") and "default" in m.lora_dropout)
+    assert cpu_lora_dropout(peft_model) == n_lora > 0
+    assert not any(isinstance(d, torch.nn.Dropout) for m in peft_model.modules() if hasattr(m, "lora_dropout")
+                   for d in m.lora_dropout.values())
+    with torch.no_grad():
+        assert torch.equal(peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, before)
+        peft_model.train()
+        torch.manual_seed(0)
+        trained = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert not torch.allclose(trained, before)  # dropout acts in training
+    salts = {m.salt for m in peft_model.modules() if type(m).__name__ == "MaskDropout"}
+    assert len(salts) == len(EXPECTED[arch])  # one per projection name, the same in every layer

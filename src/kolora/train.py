@@ -45,7 +45,7 @@ from .generation import health_check
 from .grounding import corpus_paths
 from .interrupts import Faults, StopRequest
 from .loss import EVAL_BATCH_MIN, answer_loss_module, evaluate_loss
-from .models import ModelSource, attach_lora, load_model, load_tokenizer, resolve
+from .models import ModelSource, attach_lora, cpu_lora_dropout, load_model, load_tokenizer, resolve
 from .prompt import IGNORE
 from .report import ascii_chart, loss_series, read_metrics
 from .retrieval import recall_ks
@@ -325,6 +325,8 @@ def setup_model(t: Trainer) -> None:
         model.enable_input_require_grads()
     t.quantized = sum(1 for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
     model, t.targets = attach_lora(model, cfg)
+    if not t.use_cuda:  # nn.Dropout draws one random number per element: a quarter of a CPU step
+        cpu_lora_dropout(model)
     t.model = model
     t.n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     t.n_all = sum(p.numel() for p in model.parameters())
