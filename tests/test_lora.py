@@ -371,3 +371,37 @@ def test_cpu_lora_dropout_replaces_every_lora_dropout_and_is_off_in_eval(tiny_mo
     assert not torch.allclose(trained, before)  # dropout acts in training
     salts = {m.salt for m in peft_model.modules() if type(m).__name__ == "MaskDropout"}
     assert len(salts) == len(EXPECTED[arch])  # one per projection name, the same in every layer
+
+
+def test_cpu_lora_dropout_draws_the_same_masks_when_checkpointing_recomputes(tiny_models):
+    """Gradient checkpointing runs each layer's forward again in backward: the masks must be the
+    forward's (torch's RNG state is restored for the recomputation and keep_mask seeds from it),
+    so the gradients equal those without checkpointing."""
+    from kolora.models import cpu_lora_dropout
+
+    src = ModelSource("llama", str(tiny_models["llama"]), "local")
+    tok = load_tokenizer(src)
+    exs = [Example("전세권이란?", "민법 제303조에 따른 권리입니다.")]
+    batch = collate([Tokenized(*encode_example(tok, e)) for e in exs], tok.pad_token_id)
+    grads = []
+    for checkpointing in (False, True):
+        cfg = RunConfig()
+        cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout = 4, 8, 0.5
+        torch.manual_seed(0)
+        model = load_model(src, "float32")
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        peft_model, _ = attach_lora(model, cfg)
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5, generator=torch.Generator().manual_seed(1))
+        cpu_lora_dropout(peft_model)
+        peft_model.train()
+        torch.manual_seed(5)
+        out = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in peft_model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
