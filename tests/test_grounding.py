@@ -147,10 +147,15 @@ def test_retrieve_chat_and_eval_use_the_runs_index(grounded_run):
     assert "근거: " in r.stdout
     r = run_cli("chat", str(run), "-q", "zzqx qqzz", "--max-new-tokens", "4")
     assert r.returncode == 0 and "no sources found" in r.stdout
-    r = run_cli("eval", str(run), "--max-samples", "3", "--max-new-tokens", "4", "--four-way", "--no-cache")
+    r = run_cli("chat", str(run), "-q", "전세권의 존속기간은 최장 몇 년인가요?", "--max-new-tokens", "4", "--verify", "2")
+    assert r.returncode == 0 and "근거: " in r.stdout, r.stderr  # checked before it is shown (not streamed)
+    r = run_cli("eval", str(run), "--max-samples", "3", "--max-new-tokens", "4", "--four-way", "--no-cache",
+                "--verify", "2")
     assert r.returncode == 0, r.stderr
     metrics = json.loads((run / "eval" / "metrics.json").read_text(encoding="utf-8"))
     assert {"base", "tuned", "base_plain", "tuned_plain"} <= set(metrics)
+    assert metrics["generation"]["verify"] == 2 and metrics["timing"]["tuned"]["verify"]["checked"] == 3
+    assert "verify" not in metrics["timing"]["base"]  # an untuned base is not verified
     assert metrics["retrieval"]["k"] == 2 and "recall@3" in metrics["retrieval"]
     assert "tuned + retrieval" in r.stdout
     sample = json.loads((run / "eval" / "samples.jsonl").read_text(encoding="utf-8").splitlines()[0])

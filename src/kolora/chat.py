@@ -57,8 +57,8 @@ def checker(g):
 
 def verify_line(answer) -> str:
     if answer.tries == 0:
-        return "  검증 (--verify): 다시 답한 후보도 모두 확인에 실패해 첫 답변을 그대로 둡니다 (no candidate passed)"
-    return (f"  검증 (--verify): 첫 답변이 확인에 실패해 {answer.tries - 1}번째 후보로 바꿨습니다 "
+        return "검증 (--verify): 다시 답한 후보도 모두 확인에 실패해 첫 답변을 그대로 둡니다 (no candidate passed)"
+    return (f"검증 (--verify): 첫 답변이 확인에 실패해 {answer.tries - 1}번째 후보로 바꿨습니다 "
             f"(first answer: {clip(answer.first, 200)})")
 
 
@@ -129,7 +129,7 @@ def interactive(run_path: str, gen: GenConfig, base: bool = False, question: str
             [answer], s = generate_batched(model, tokenizer, cfg, [ex], gen, base=use_base, check=checker(g))
             print(answer.text)
             if answer.tries != 1:
-                print(verify_line(answer))
+                print(f"  {verify_line(answer)}")
             texts = [answer.text]
         else:
             prompt = encode_prompt(tokenizer, ex, cfg.data.system_prompt, cfg.data.template)
