@@ -103,7 +103,7 @@ def test_verify_replaces_a_failing_answer_with_the_first_candidate_that_passes(m
 
     monkeypatch.setattr(G, "generate_details", fake_generate)
 
-    def check(answer, ex):
+    def check(answer, question):
         return SimpleNamespace(unsupported=["x"] if "나쁜" in answer else [], cites="제" in answer)
 
     examples = [Example(f"질문 {i}", "") for i in range(3)]

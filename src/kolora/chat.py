@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import nullcontext
+from functools import partial
 
 from . import grounding
 from .data import Example, read_jsonl
@@ -48,13 +49,6 @@ def sources(g, answer: str, question: str, hits) -> list[str]:
     return lines
 
 
-def checker(g):
-    """The citation check `--verify` answers again by (None for an ungrounded answer)."""
-    if g is None:
-        return None
-    return lambda answer, ex: g.check(answer, ex.question, [])
-
-
 def verify_line(answer) -> str:
     if answer.tries == 0:
         return "검증 (--verify): 다시 답한 후보도 모두 확인에 실패해 첫 답변을 그대로 둡니다 (no candidate passed)"
@@ -82,7 +76,7 @@ def quick_test(run_path: str, n: int, gen: GenConfig, compare: bool = False, bas
         picked, hits = g.ground(picked, tokenizer)
     questions = [ex.question for ex in picked]
     rows = [{"question": ex.question, "reference": ex.answer} for ex in picked]
-    check = checker(g)
+    check = partial(g.check, hits=[]) if g is not None else None  # what --verify answers again by
     if compare or base:
         print(f"generating base-model answers for {len(questions)} test questions …", file=sys.stderr, flush=True)
         base_answers, bstats = generate_batched(model, tokenizer, cfg, picked, gen, base=True, check=check)
@@ -126,7 +120,7 @@ def interactive(run_path: str, gen: GenConfig, base: bool = False, question: str
         if g is not None:
             [ex], [hits] = g.ground([ex], tokenizer)
         if g is not None and gen.verify > 0:  # checked before it is shown: not streamed
-            [answer], s = generate_batched(model, tokenizer, cfg, [ex], gen, base=use_base, check=checker(g))
+            [answer], s = generate_batched(model, tokenizer, cfg, [ex], gen, base=use_base, check=partial(g.check, hits=[]))
             print(answer.text)
             if answer.tries != 1:
                 print(f"  {verify_line(answer)}")

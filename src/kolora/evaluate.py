@@ -24,6 +24,7 @@ import time
 import unicodedata
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -99,12 +100,10 @@ def evaluate_side(side: Side, plan: Plan, gen, batch_size: int) -> tuple[list[di
             losses = answer_losses(model, tokenizer, cfg, examples, bar)
             loss_s = time.time() - t1
         with tqdm(total=len(examples), desc=f"{side.name}: answers", unit="q", dynamic_ncols=True) as bar:
-            check = None
             # verification needs the passages it answers from; an untuned base never stops with EOS, so no
             # candidate of it can pass (measured: 186 s of sampling on the demo for nothing)
-            if side.grounded and not side.untuned and plan.grounding is not None:
-                def check(answer, ex):
-                    return plan.grounding.check(answer, ex.question, [])
+            verify = side.grounded and not side.untuned and plan.grounding is not None
+            check = partial(plan.grounding.check, hits=[]) if verify else None
             generations, stats = generate_batched(model, tokenizer, cfg, examples, gen, batch_size, bar, check=check)
     rows = [answer_metrics(g.text, ex.answer, g.stopped, g.new_tokens, loss, n)
             for ex, g, (loss, n) in zip(examples, generations, losses)]

@@ -219,8 +219,8 @@ def generate_batched(model, tokenizer, cfg, examples: list[Example], gen: GenCon
                      progress=None, base: bool = False, check=None):
     """Answers to `examples` in the training prompt format, `batch_size` at a time. Prompts are
     sorted by length so a batch pads less; results come back in the examples' order. With
-    `base` the adapter is disabled (the base model answers). With `check(answer, example)` (a
-    grounded run's citation check) and `gen.verify`, failing answers are answered again
+    `base` the adapter is disabled (the base model answers). With `check(answer, question)` (a
+    grounded run's citation check, e.g. `partial(grounding.check, hits=[])`) and `gen.verify`, failing answers are answered again
     (`verified`). Returns (generations, speed)."""
     from contextlib import nullcontext
 
@@ -262,18 +262,19 @@ def verified(model, tokenizer, prompts, examples, first: list[Generation], gen: 
     import dataclasses
 
     def passes(g: Generation, ex: Example, cited: bool) -> bool:
-        report = check(g.text, ex)
+        report = check(g.text, ex.question)
         return not report.unsupported and g.stopped and (report.cites or not cited)
 
     failing = []
     for i, (ex, g) in enumerate(zip(examples, first)):
-        report = check(g.text, ex)
+        report = check(g.text, ex.question)
         if report.unsupported:
             failing.append((i, report.cites))
     t0, sampled, out = time.time(), 0, list(first)
     sample = dataclasses.replace(gen, temperature=VERIFY_TEMPERATURE)
-    for start in range(0, len(failing), max(1, batch_size // gen.verify)):
-        chunk = failing[start:start + max(1, batch_size // gen.verify)]
+    per_batch = max(1, batch_size // gen.verify)  # questions per batch: each is answered gen.verify times
+    for start in range(0, len(failing), per_batch):
+        chunk = failing[start:start + per_batch]
         rows, stats = generate_details(model, tokenizer, [prompts[i] for i, _ in chunk for _ in range(gen.verify)],
                                        dataclasses.replace(sample, seed=gen.seed + start))
         sampled += stats["new_tokens"]
