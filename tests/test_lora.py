@@ -17,6 +17,8 @@ EXPECTED = {
     "gemma3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
 }
+# distinct inputs of the adapted projections in one layer (q/k/v read one, gate/up read one)
+INPUTS = {"gpt2": 4, "llama": 4, "gemma3": 4, "phi": 4}
 
 
 def setup(path, arch):
@@ -316,30 +318,51 @@ def test_adapters_on_the_top_layers_only_and_no_backward_below(tiny_models, arch
 
 
 def test_cpu_lora_dropout_keeps_p_and_the_scale_and_draws_independent_masks():
-    """kolora::keep_mask drops a share p of the entries (p rounded to 1/65536), follows torch's
-    seed, and gives different masks for different calls and salts, compiled too (inductor must
-    neither deduplicate two calls nor recompute one in backward)."""
+    """kolora::keep_mask drops a share p of the entries (p rounded to 1/65536) and is a pure
+    function of (draw, layer, salt): equal arguments give the same mask, a change in any one a
+    different mask. Compiled, two equal calls run once (q/k/v share it) and backward uses the
+    forward's masks without drawing again."""
+    import numpy as np
+
     from kolora.models import keep_mask_op
 
     op = keep_mask_op()
     x = torch.ones(1000, 1000)
-    torch.manual_seed(3)
-    a, b = op(x, 0.05, 0), op(x, 0.05, 0)
-    torch.manual_seed(3)
-    assert torch.equal(op(x, 0.05, 0), a)  # seeded
-    assert abs((~a).float().mean().item() - 0.05) < 0.002 and not torch.equal(a, b)
+    t = torch.tensor
+    a = op(x, 0.05, t(7), t(0), 0)
     assert a.shape == x.shape and a.dtype == torch.bool
+    assert abs((~a).float().mean().item() - 0.05) < 0.002
+    assert torch.equal(op(x, 0.05, t(7), t(0), 0), a)  # pure: recomputation gets the same mask
+    for other in (op(x, 0.05, t(8), t(0), 0), op(x, 0.05, t(7), t(1), 0), op(x, 0.05, t(7), t(0), 1)):
+        assert not torch.equal(other, a)
+        assert abs((a & other).float().mean().item() - 0.95 ** 2) < 0.002  # independent, not shifted copies
 
-    def dropped(v):
-        m1, m2 = op(v, 0.5, 0), op(v, 0.5, 1)
-        return v * m1 * 2.0, v * m2 * 2.0
+    seeds = []
+    real = np.random.SeedSequence
+
+    def counting(entropy):
+        seeds.append(entropy)
+        return real(entropy)
+
+    def dropped(v, draw):
+        shared = [v * op(v, 0.5, draw, t(3), 0) * 2.0 for _ in range(3)]  # q, k, v: one mask
+        own = v * op(v, 0.5, draw, t(3), 1) * 2.0
+        return shared, own
 
     v = torch.ones(64, 64, requires_grad=True)
-    y1, y2 = torch.compile(dropped, fullgraph=True)(v)
-    assert not torch.equal(y1, y2)  # two masks, not one deduplicated call
-    (y1.sum() + 10 * y2.sum()).backward()
-    # the gradient uses the masks of the forward: 2 where y1 kept, 20 where y2 kept
-    assert torch.equal(v.grad, (y1 > 0).float() * 2.0 + (y2 > 0).float() * 20.0)
+    compiled = torch.compile(dropped, fullgraph=True)
+    compiled(v, t(1))  # compile
+    np.random.SeedSequence = counting
+    try:
+        shared, own = compiled(v, t(2))
+        assert len(seeds) == 2  # one call per salt
+        (shared[0].sum() + shared[1].sum() + shared[2].sum() + 10 * own.sum()).backward()
+        assert len(seeds) == 2  # backward drew nothing
+    finally:
+        np.random.SeedSequence = real
+    assert torch.equal(shared[0], shared[1]) and torch.equal(shared[0], shared[2]) and not torch.equal(shared[0], own)
+    # the gradient uses the masks of the forward: 3 × 2 where the shared mask kept, 20 where the other kept
+    assert torch.equal(v.grad, (shared[0] > 0).float() * 6.0 + (own > 0).float() * 20.0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -369,14 +392,27 @@ def test_cpu_lora_dropout_replaces_every_lora_dropout_and_is_off_in_eval(tiny_mo
         torch.manual_seed(0)
         trained = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert not torch.allclose(trained, before)  # dropout acts in training
-    salts = {m.salt for m in peft_model.modules() if type(m).__name__ == "MaskDropout"}
-    assert len(salts) == len(EXPECTED[arch])  # one per projection name, the same in every layer
+    with torch.no_grad():
+        again = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.manual_seed(0)
+        same = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert not torch.equal(again, trained) and torch.equal(same, trained)  # a new draw per pass, from torch's seed
+    drops = [m for m in peft_model.modules() if type(m).__name__ == "MaskDropout"]
+    # one salt per input of a layer (q/k/v share one, gate/up share one), the same in every layer
+    assert len({m.salt for m in drops}) == INPUTS[arch]
+    assert len({int(m.layer) for m in drops}) == peft_model.config.num_hidden_layers
+    assert not any("draw" in k or k.endswith(".layer") for k in peft_model.state_dict())  # nothing saved
+    peft_model.eval()
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert torch.equal(torch.get_rng_state(), state)  # evaluation draws nothing
 
 
 def test_cpu_lora_dropout_draws_the_same_masks_when_checkpointing_recomputes(tiny_models):
     """Gradient checkpointing runs each layer's forward again in backward: the masks must be the
-    forward's (torch's RNG state is restored for the recomputation and keep_mask seeds from it),
-    so the gradients equal those without checkpointing."""
+    forward's (the recomputation runs inside the same forward pass, whose draw the masks are a
+    function of), so the gradients equal those without checkpointing."""
     from kolora.models import cpu_lora_dropout
 
     src = ModelSource("llama", str(tiny_models["llama"]), "local")

@@ -106,28 +106,27 @@ def _trim_every(n: int):
     return patch
 
 
-def _dropout_shared_input():
-    """One LoRA dropout mask per shared input: q/k/v share a keep_mask salt, gate/up share one. Compiled layers
-    then merge their keep_mask calls (inductor deduplicates equal calls) and the dropped inputs; eager layers
-    still draw one mask per projection, so this measures the compiled path only (not yet measured)."""
+def _dropout_per_projection():
+    """One LoRA dropout mask per projection (as before session 30): q/k/v and gate/up each get their own salt, so
+    neither compiled nor eager layers share a mask between projections that read the same input."""
     def patch():
         import kolora.models as m
         import kolora.train as t
 
         original = m.cpu_lora_dropout
-        group = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 2, "up_proj": 2, "down_proj": 3,
-                 "dense": 1, "fc1": 2, "fc2": 3}
 
-        def shared(model):
+        def per_projection(model):
             n = original(model)
+            salts: dict[str, int] = {}
             for path, module in model.named_modules():
                 drops = getattr(module, "lora_dropout", None)
                 for drop in (drops.values() if drops is not None else ()):
                     if hasattr(drop, "salt"):
-                        drop.salt = group.get(path.rsplit(".", 1)[-1], drop.salt + 10)
+                        parent, _, projection = path.rpartition(".")
+                        drop.salt = salts.setdefault(f"{parent.split('.')[-1]}.{projection}", len(salts))
             return n
 
-        t.cpu_lora_dropout = shared
+        t.cpu_lora_dropout = per_projection
     return patch
 
 
@@ -141,7 +140,7 @@ def _torch_dropout():
 
 
 LEVERS = {
-    "dropout-shared-input": _dropout_shared_input(),
+    "dropout-per-projection": _dropout_per_projection(),
     "torch-dropout": _torch_dropout(),
     "pad1": _pad_multiple(1),
     "pad8": _pad_multiple(8),

@@ -50,7 +50,7 @@ LEVERS: dict[str, tuple[str, str, list[str]]] = {
     "compile-layers": ("", "compile-layers", []),
     "compile-backbone": ("", "compile-backbone", []),
     "lora-dropout-0": ("--lora.dropout 0", "", []),
-    "dropout-shared-input": ("", "dropout-shared-input", []),
+    "dropout-per-projection": ("", "dropout-per-projection", []),
     "torch-dropout": ("", "torch-dropout", []),
     "grad-checkpointing": ("--train.gradient_checkpointing true", "", []),
     "no-tensorboard": ("--train.tensorboard false", "", []),

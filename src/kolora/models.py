@@ -430,71 +430,84 @@ def attach_lora(model, cfg):
 # --------------------------------------------------------------------------- LoRA dropout on a CPU
 _KEEP_MASK = None  # the registered op (torch.library registers a name once per process)
 MASK_LEVELS = 65536  # the drop probability is rounded to a multiple of 1/65536 (0.05 → 0.0500031)
+# Projections that read the same input in every supported architecture share one mask, as a
+# fused qkv's LoRA (GPT-2's c_attn) always has: one mask, one multiply, one saved tensor instead of three.
+SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
 
 
 def keep_mask_op():
-    """`kolora::keep_mask(x, p, salt)`: a boolean mask of x's shape, each entry False with
-    probability p (rounded to 1/65536), seeded from torch's generator.
+    """`kolora::keep_mask(x, p, draw, layer, salt)`: a boolean mask of x's shape, each entry
+    False with probability p (rounded to 1/65536), a pure function of (draw, layer, salt).
 
     Why not nn.Dropout: on a CPU both its eager kernel and inductor's compiled random numbers
     draw one generator value per element (8–11 ns each on 2 cores; measured 0.14–0.19 s per
     Gemma-3 decoder layer of a demo step, 17.5 M elements over its seven LoRA inputs, so
-    about a quarter of the step). Here one 64-bit word (numpy's PCG64, seeded from torch's
-    generator) gives four 16-bit lanes: 0.03 s for the same layer. The op is
-    opaque to torch.compile, so inductor neither lowers it to its per-element generator nor
-    deduplicates two calls (q, k and v see the same input; `salt` keeps their masks apart, as
-    nn.Dropout's are). Tagged nondeterministic_seeded: never recomputed in backward."""
+    about a quarter of the step). Here one 64-bit word (numpy's PCG64) gives four 16-bit
+    lanes: 0.03 s for the same layer. The op is opaque to torch.compile, so inductor does not
+    lower it to its per-element generator.
+
+    Why a pure function: `draw` is drawn from torch's generator once per forward pass of the
+    model (so manual_seed and resume decide it), `layer` tells the decoder layers apart and
+    `salt` the inputs of one layer. Equal arguments give equal masks, so gradient
+    checkpointing's recomputation gets the forward's masks, and inductor computes the mask
+    and the dropped input once for q, k and v, which read the same input and share a salt."""
     global _KEEP_MASK
     if _KEEP_MASK is None:
         import torch
 
         # the schema is spelled out: this module's annotations are strings (from __future__)
-        @torch.library.custom_op("kolora::keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,),
-                                 schema="(Tensor x, float p, int salt) -> Tensor")
-        def keep_mask(x, p, salt):
-            n, words = x.numel(), (x.numel() + 3) // 4
-            if x.device.type == "cpu":  # numpy's PCG64 writes raw 64-bit words about twice as fast as random_
-                import numpy as np
+        @torch.library.custom_op("kolora::keep_mask", mutates_args=(),
+                                 schema="(Tensor x, float p, Tensor draw, Tensor layer, int salt) -> Tensor")
+        def keep_mask(x, p, draw, layer, salt):
+            import numpy as np
 
-                seed = int(torch.randint(0, 2**63 - 1, (1,)))  # torch's generator decides: manual_seed, resume
-                raw = np.random.Generator(np.random.PCG64(seed)).bit_generator.random_raw(words)
-                bits = torch.from_numpy(raw.view(np.int64))
-            else:
-                bits = torch.empty(words, dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
+            n, words = x.numel(), (x.numel() + 3) // 4
+            seed = np.random.SeedSequence([int(draw) & (2**63 - 1), int(layer), salt])
+            raw = np.random.Generator(np.random.PCG64(seed)).bit_generator.random_raw(words)
+            bits = torch.from_numpy(raw.view(np.int64)).to(x.device)
             return bits.view(torch.int16)[:n].view(x.shape) >= -32768 + round(p * MASK_LEVELS)
 
         @keep_mask.register_fake
-        def _(x, p, salt):
+        def _(x, p, draw, layer, salt):
             return torch.empty(x.shape, dtype=torch.bool, device=x.device)
 
         _KEEP_MASK = keep_mask
     return _KEEP_MASK
 
 
+def _layer_index(path: str) -> int:
+    """The decoder layer a module path is in: its first integer part ('model.layers.3.mlp.up_proj' → 3)."""
+    return next((int(part) for part in path.split(".") if part.isdigit()), -1)
+
+
 def cpu_lora_dropout(peft_model) -> int:
     """Replace the LoRA layers' nn.Dropout by the same dropout drawn through `keep_mask_op`
-    (training only; p, the 1/(1-p) scale and one independent mask per LoRA layer and call as
-    before). Nothing saved changes: dropout has no weights. Returns the layers changed."""
+    (training only; p and the 1/(1-p) scale as before; one mask per layer, input and forward
+    pass: q/k/v share one, gate/up share one). A hook on the decoder stack draws the forward
+    pass's seed. Nothing saved changes: dropout has no weights, and the seeds are
+    non-persistent buffers. Returns the LoRA layers changed."""
     import torch
 
     op = keep_mask_op()
+    draw = torch.zeros((), dtype=torch.int64)  # one tensor shared by every mask: a new value per forward pass
 
     class MaskDropout(torch.nn.Module):
-        def __init__(self, p: float, salt: int):
+        def __init__(self, p: float, layer: int, salt: int):
             super().__init__()
             self.p, self.salt = p, salt
+            # tensors, not ints: torch.compile would bake an int into each layer's graph and
+            # compile every layer anew; buffers are graph inputs, so all layers share one graph
+            self.register_buffer("draw", draw, persistent=False)
+            self.register_buffer("layer", torch.tensor(layer, dtype=torch.int64), persistent=False)
 
         def forward(self, x):
             if not self.training or self.p == 0:
                 return x
-            return x * op(x, self.p, self.salt) * (1.0 / (1.0 - self.p))
+            return x * op(x, self.p, self.draw, self.layer, self.salt) * (1.0 / (1.0 - self.p))
 
         def extra_repr(self) -> str:
-            return f"p={self.p}"
+            return f"p={self.p}, salt={self.salt}"
 
-    # the salt tells apart the projections of one layer (q/k/v read the same input); it is the
-    # same in every layer, since torch.compile treats it as a constant and would compile each
-    # layer anew for a different one
     salts: dict[str, int] = {}
     changed = 0
     for path, module in peft_model.named_modules():
@@ -503,8 +516,22 @@ def cpu_lora_dropout(peft_model) -> int:
             continue
         for name, drop in drops.items():
             if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
-                salt = salts.setdefault(path.rsplit(".", 1)[-1], len(salts))
-                drops[name] = MaskDropout(drop.p, salt)
+                # the input's name within its layer: 'self_attn.qkv', 'mlp.down_proj', GPT-2's 'attn.c_proj' ≠ 'mlp.c_proj'
+                parent, _, projection = path.rpartition(".")
+                where = parent.split(".")[-1]
+                salt = salts.setdefault(f"{where}.{SHARED_INPUT.get(projection, projection)}", len(salts))
+                drops[name] = MaskDropout(drop.p, _layer_index(path), salt)
                 drops[name].train(drop.training)
                 changed += 1
+    if changed:
+        causal = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+        stack = getattr(causal, causal.base_model_prefix, causal)  # what the loss calls (kolora.loss)
+
+        def new_draw(module, _args):
+            # in training only, so evaluation and generation consume no random numbers; a
+            # checkpointed layer's recomputation runs inside this pass and reuses its draw
+            if module.training:
+                draw.fill_(int(torch.randint(-2**63, 2**63 - 1, ())))
+
+        stack.register_forward_pre_hook(new_draw)
     return changed
