@@ -125,7 +125,7 @@ def main() -> int:
         print(f"[{name}] measured {json.dumps(cache[name]['phase_peak_mb'])}, peak {cache[name]['peak_rss_mb']} MB, "
               f"step {cache[name]['step_s']}", flush=True)
 
-    # Time: the estimate predicts flops / (matmul peak × MFU_CPU) and training logs
+    # Time: the estimate predicts flops / (matmul peak × the MFU of this kind of CPU, CPU_MFU) and training logs
     # mfu = flops / time / (the peak it measured at its start), so at the same peak the
     # predicted/measured step-time ratio is measured MFU / assumed MFU.
     print("\n| case | predicted peak | measured peak | error | measured MFU | assumed MFU | time error | load avg |")

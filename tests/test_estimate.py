@@ -219,11 +219,39 @@ def test_compiled_layers_are_estimated_with_their_calibration(tiny_models, small
     assert e.heap_train == pytest.approx(e.activations * (HEAP_RETENTION - 1)) and c.heap_train == 0
     bf16 = compiled.precision in ("bf16", "fp16")
     assert c.logits == pytest.approx(e.logits * (2 if bf16 else 4) / estimator.LOGIT_BYTES_TRAIN)
-    assert compiled.mfu == (estimator.MFU_CPU if bf16 else estimator.MFU_CPU_FP32)
-    assert eager.mfu == (estimator.MFU_CPU_EAGER if bf16 else estimator.MFU_CPU_FP32)
+    mfu_compiled, mfu_eager, mfu_fp32 = estimator.CPU_MFU[estimator.cpu_class()]
+    assert compiled.mfu == (mfu_compiled if bf16 else mfu_fp32)
+    assert eager.mfu == (mfu_eager if bf16 else mfu_fp32)
     for est in (eager, compiled):
         assert est.step_seconds == pytest.approx(est.tokens_per_step * est.flops_per_token
                                                  / (est.device.peak_gflops * 1e9 * est.mfu))
     cfg.train.gradient_checkpointing = True
     ckpt = estimator.estimate(cfg).memory
     assert not ckpt.compiled and ckpt.heap_train == pytest.approx(ckpt.activations * (HEAP_RETENTION - 1))
+
+
+@pytest.mark.parametrize("flags,kind", [("fpu avx512f avx512_bf16 amx_bf16 amx_tile", "amx"),
+                                        ("fpu avx512f avx512_bf16", "avx512_bf16"),
+                                        ("fpu avx2 fma", "other")])
+def test_the_cpu_class_picks_the_mfu_calibrated_on_that_kind_of_cpu(monkeypatch, tmp_path, flags, kind):
+    """Step time comes from the MFU measured on the same kind of CPU: AMX's bf16 matmul peak is
+    about 3x AVX-512 BF16's, while a (memory-bound) training step is not, so one share fits
+    neither. A CPU without bf16 has no class of its own and says its figure is borrowed."""
+    import kolora.device as device
+    from kolora import estimator
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    real_path = device.Path
+    monkeypatch.setattr(device, "Path", lambda p: real_path(cpuinfo) if p == "/proc/cpuinfo" else real_path(p))
+    assert device.cpu_class() == kind
+    assert device.cpu_has_bf16() == (kind != "other")
+    assert set(estimator.CPU_MFU) == {"amx", "avx512_bf16", "other"}
+    monkeypatch.setattr(estimator, "matmul_peak_gflops", lambda precision: 100.0)
+    monkeypatch.setattr(estimator, "cpu_class", device.cpu_class)
+    compiled, eager, fp32 = estimator.CPU_MFU[kind]
+    assert estimator.parse_device("cpu", "bf16", None, compiled=True).mfu == compiled
+    assert estimator.parse_device("cpu", "bf16", None, compiled=False).mfu == eager
+    assert estimator.parse_device("cpu", "no", None, compiled=True).mfu == fp32
+    note = estimator.parse_device("cpu", "bf16", None, compiled=True).time_note
+    assert ("not on this kind" in note) == (kind == "other") and (kind in note or kind == "other")

@@ -24,11 +24,17 @@ PRECISIONS = ("auto", "bf16", "fp16", "no")
 
 
 def cpu_has_bf16() -> bool:
+    return cpu_class() in ("amx", "avx512_bf16")
+
+
+def cpu_class() -> str:
+    """What bf16 matmuls run on: 'amx' (Intel AMX tiles), 'avx512_bf16' (AVX-512 BF16 without
+    AMX, e.g. AMD EPYC Zen 4) or 'other' (no bf16 instructions, or no /proc/cpuinfo)."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return "other"
+    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "other"
 
 
 @dataclass(frozen=True)

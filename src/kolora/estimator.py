@@ -42,21 +42,27 @@ from dataclasses import dataclass, replace
 
 from . import grounding
 from .batching import PAD_MULTIPLE
-from .device import choose_precision, current_rss, matmul_peak_gflops, meminfo, resolve_compile, train_flops
+from .device import choose_precision, cpu_class, current_rss, matmul_peak_gflops, meminfo, resolve_compile, train_flops
 from .errors import KoloraError
 from .loss import EVAL_BATCH_MIN, HEAD_CHUNK_ROWS
 
 GiB = 2**30
 # MFU the training loop logs on an idle CPU, as a share of the matmul peak measured in the
-# compute dtype (bench/estimate_validation.py, 2026-12-04, Intel Xeon with AMX, 2 cores, torch
-# 2.13; 6-step runs of the five cases): with compiled decoder layers (train.compile auto) and
-# bf16 autocast 0.168-0.218; eager (gradient checkpointing, which also recomputes the forward)
-# 0.111; float32 without autocast 0.479 of the (much lower) float32 peak. Before compiled layers
-# and the fused head this was one figure, 12%. With other jobs on the cores it falls far lower
-# (training suffers more from contention than a 0.3 s matmul does).
-MFU_CPU = 0.19
-MFU_CPU_EAGER = 0.11
-MFU_CPU_FP32 = 0.45
+# compute dtype, per kind of CPU (device.cpu_class), as (compiled bf16, eager bf16, float32):
+# the training step is mostly memory-bound, so its achieved FLOP/s varies far less between CPUs
+# than their matmul peaks do, and one share cannot fit both kinds.
+# - amx: bench/estimate_validation.py, 2026-12-04, Intel Xeon with AMX, 2 cores, torch 2.13,
+#   6-step runs of the five cases (bf16 peak ~1,350 GFLOP/s): compiled decoder layers (train.compile
+#   auto) 0.168-0.218; eager (gradient checkpointing, which also recomputes the forward) 0.111;
+#   float32 without autocast 0.479 of the (much lower) float32 peak.
+# - avx512_bf16: the same script, 2026-12-07, AMD EPYC (AVX-512 BF16, no AMX), 2 cores, torch
+#   2.13 (bf16 peak ~410 GFLOP/s): AVX512_BF16_MFU below.
+# - other (no bf16 instructions: training runs in float32): the avx512_bf16 figures, not
+#   calibrated on such a CPU.
+# With other jobs on the cores it falls far lower (training suffers more from contention than a
+# 0.3 s matmul does).
+AVX512_BF16_MFU = (0.19, 0.11, 0.45)
+CPU_MFU = {"amx": (0.19, 0.11, 0.45), "avx512_bf16": AVX512_BF16_MFU, "other": AVX512_BF16_MFU}
 # A GPU that is not here: typical LoRA training efficiency on consumer cards, and a peak
 # between an RTX 3060 and a 4070 (dense bf16 tensor cores). Assumptions, printed as such.
 MFU_GPU = 0.35
@@ -381,11 +387,14 @@ def parse_device(text: str, precision: str, peak_tflops: float | None, compiled:
         info = meminfo()
         total, avail = info.get("MemTotal", 0), info.get("MemAvailable", 0)
         peak = matmul_peak_gflops(precision)
+        kind = cpu_class()
+        mfu_compiled, mfu_eager, mfu_fp32 = CPU_MFU[kind]
         if precision not in ("bf16", "fp16"):
-            mfu, how = MFU_CPU_FP32, "float32"
+            mfu, how = mfu_fp32, "float32"
         else:
-            mfu, how = (MFU_CPU, "compiled layers") if compiled else (MFU_CPU_EAGER, "eager layers")
-        note = f"MFU {100 * mfu:.0f}% ({how}) calibrated on real CPU runs on an idle machine"
+            mfu, how = (mfu_compiled, "compiled layers") if compiled else (mfu_eager, "eager layers")
+        note = f"MFU {100 * mfu:.0f}% ({how}) " + (f"calibrated on real runs on an idle {kind} CPU" if kind != "other" else
+                                                   "calibrated on an AVX-512 BF16 CPU, not on this kind")
         load, cores = _load_average(), os.cpu_count() or 1
         if load > cores:  # threads then wait on each other; measured 10-40x slower steps here
             note += f"; NOW load {load:.1f} on {cores} cores: expect training to be several times slower"
