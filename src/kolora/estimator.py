@@ -28,8 +28,8 @@ The shapes are the ones training will see: the same tokenizer, split, length fil
 length-grouped batches, padding to 32 (answer rows are not padded).
 
 Time per step: `train_flops` (the formula the training loop logs MFU with) over a matmul
-peak measured here for ~0.3 s in the compute dtype, at an MFU calibrated from real CPU runs
-(bench/estimate_validation.py). On a GPU that is not in this machine the peak and MFU are
+peak measured here for ~0.3 s in the compute dtype, at an MFU calibrated from real runs on the
+same kind of CPU (AMX or AVX-512 BF16; bench/estimate_validation.py). On a GPU that is not in this machine the peak and MFU are
 assumptions, and the output says so.
 """
 
@@ -56,12 +56,14 @@ GiB = 2**30
 #   auto) 0.168-0.218; eager (gradient checkpointing, which also recomputes the forward) 0.111;
 #   float32 without autocast 0.479 of the (much lower) float32 peak.
 # - avx512_bf16: the same script, 2026-12-07, AMD EPYC (AVX-512 BF16, no AMX), 2 cores, torch
-#   2.13 (bf16 peak ~410 GFLOP/s): AVX512_BF16_MFU below.
+#   2.13 (bf16 peak 344-410 GFLOP/s), 4-step runs of the same five cases: compiled 0.379-0.495
+#   (0.43 puts all three within -12%/+15%), eager 0.269, float32 0.567 of the float32 peak.
+#   Fitted on those runs, so the time errors bench/HISTORY.md gives for them are in-sample.
 # - other (no bf16 instructions: training runs in float32): the avx512_bf16 figures, not
 #   calibrated on such a CPU.
 # With other jobs on the cores it falls far lower (training suffers more from contention than a
 # 0.3 s matmul does).
-AVX512_BF16_MFU = (0.19, 0.11, 0.45)
+AVX512_BF16_MFU = (0.43, 0.27, 0.57)
 CPU_MFU = {"amx": (0.19, 0.11, 0.45), "avx512_bf16": AVX512_BF16_MFU, "other": AVX512_BF16_MFU}
 # A GPU that is not here: typical LoRA training efficiency on consumer cards, and a peak
 # between an RTX 3060 and a 4070 (dense bf16 tensor cores). Assumptions, printed as such.
