@@ -107,26 +107,12 @@ def _trim_every(n: int):
 
 
 def _dropout_per_projection():
-    """One LoRA dropout mask per projection (as before session 30): q/k/v and gate/up each get their own salt, so
-    neither compiled nor eager layers share a mask between projections that read the same input."""
+    """One LoRA dropout mask per projection (as before session 30): without kolora.models.SHARED_INPUT's grouping
+    q/k/v and gate/up each get their own salt, so neither compiled nor eager layers share a mask between them."""
     def patch():
         import kolora.models as m
-        import kolora.train as t
 
-        original = m.cpu_lora_dropout
-
-        def per_projection(model):
-            n = original(model)
-            salts: dict[str, int] = {}
-            for path, module in model.named_modules():
-                drops = getattr(module, "lora_dropout", None)
-                for drop in (drops.values() if drops is not None else ()):
-                    if hasattr(drop, "salt"):
-                        parent, _, projection = path.rpartition(".")
-                        drop.salt = salts.setdefault(f"{parent.split('.')[-1]}.{projection}", len(salts))
-            return n
-
-        t.cpu_lora_dropout = per_projection
+        m.SHARED_INPUT = {}
     return patch
 
 
