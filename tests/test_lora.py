@@ -441,3 +441,44 @@ def test_cpu_lora_dropout_draws_the_same_masks_when_checkpointing_recomputes(tin
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_padding_mask_is_dropped_only_for_right_padded_batches():
+    from kolora.loss import causal_mask_only
+
+    right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    assert causal_mask_only(right) is None and causal_mask_only(torch.ones(2, 4, dtype=torch.long)) is None
+    left, inner = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), torch.tensor([[1, 0, 1, 1]])
+    assert causal_mask_only(left) is left and causal_mask_only(inner) is inner
+    assert causal_mask_only(None) is None
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_right_padded_losses_and_gradients_equal_those_with_the_padding_mask(tiny_models, arch, monkeypatch):
+    """Training drops the padding mask of right-padded batches (SDPA's causal kernel then skips the upper
+    triangle): the loss and every LoRA gradient equal the masked path's. One row is longer than the tiny
+    Gemma-3's sliding window (64), so its local layers build their own mask either way."""
+    import kolora.loss as loss_module
+
+    torch.manual_seed(0)
+    tok, model, _, _ = setup(tiny_models[arch], arch)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    exs = [Example("전세권이란?", "민법 제303조에 따른 권리입니다."),
+           Example("임대차 기간을 정하지 않았으면 어떻게 되나요? " * 6, "2년으로 봅니다. 주택임대차보호법 제4조 제1항입니다.")]
+    batch = collate([Tokenized(*encode_example(tok, e)) for e in exs], tok.pad_token_id)
+    lengths = batch["attention_mask"].sum(1)
+    assert int(lengths.max()) > 64 and int(lengths.min()) < batch["input_ids"].shape[1]  # padded, past the window
+    results = []
+    for drop in (True, False):
+        monkeypatch.setattr(loss_module, "DROP_RIGHT_PADDING_MASK", drop)
+        model.zero_grad(set_to_none=True)
+        total, count = answer_loss_module(model)(**batch)
+        total.backward()
+        results.append((total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, rtol=1e-5) and ga.keys() == gb.keys() and ga
+    for n in ga:
+        scale = float(gb[n].abs().max()) + 1e-12
+        assert float((ga[n] - gb[n]).abs().max()) / scale < 1e-4, n

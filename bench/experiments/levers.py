@@ -125,7 +125,44 @@ def _torch_dropout():
     return patch
 
 
+def _profile_step(step: int = 4):
+    """Not a lever: runs optimizer step `step` (1-based) of the real training loop (compiled layers and all) under
+    torch.profiler and prints its op table to stderr (and KOLORA_PROFILE_OUT, a Chrome trace, when set)."""
+    def patch():
+        import os
+        import sys
+
+        import torch
+        import kolora.train as t
+
+        inner = t.accumulate
+
+        def accumulate(tr, window):
+            if tr.state["step"] + 1 != step:
+                return inner(tr, window)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                out = inner(tr, window)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45), file=sys.stderr)
+            if os.environ.get("KOLORA_PROFILE_OUT"):
+                prof.export_chrome_trace(os.environ["KOLORA_PROFILE_OUT"])
+            return out
+        t.accumulate = accumulate
+    return patch
+
+
+def _padding_mask():
+    """The padding mask passed to the model in training and held-out losses (as before session 32), instead of
+    none for right-padded batches (kolora.loss.causal_mask_only)."""
+    def patch():
+        import kolora.loss as lo
+
+        lo.DROP_RIGHT_PADDING_MASK = False
+    return patch
+
+
 LEVERS = {
+    "padding-mask": _padding_mask(),
+    "profile-step-4": _profile_step(4),
     "dropout-per-projection": _dropout_per_projection(),
     "torch-dropout": _torch_dropout(),
     "pad1": _pad_multiple(1),
