@@ -133,6 +133,7 @@ def _profile_step(step: int = 4):
         import sys
 
         import torch
+
         import kolora.train as t
 
         inner = t.accumulate
