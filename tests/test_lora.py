@@ -401,6 +401,9 @@ def test_cpu_lora_dropout_replaces_every_lora_dropout_and_is_off_in_eval(tiny_mo
     # one salt per input of a layer (q/k/v share one, gate/up share one), the same in every layer
     assert len({m.salt for m in drops}) == INPUTS[arch]
     assert len({int(m.layer) for m in drops}) == peft_model.config.num_hidden_layers
+    # one layer-id tensor per layer, shared by its projections: q/k/v's compiled calls then have equal
+    # arguments and inductor computes their mask once (three equal tensors are three graph inputs: no merge)
+    assert len({id(m.layer) for m in drops}) == peft_model.config.num_hidden_layers
     assert not any("draw" in k or k.endswith(".layer") for k in peft_model.state_dict())  # nothing saved
     peft_model.eval()
     state = torch.get_rng_state()

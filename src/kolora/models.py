@@ -498,7 +498,10 @@ def cpu_lora_dropout(peft_model) -> int:
             # tensors, not ints: torch.compile would bake an int into each layer's graph and
             # compile every layer anew; buffers are graph inputs, so all layers share one graph
             self.register_buffer("draw", draw, persistent=False)
-            self.register_buffer("layer", torch.tensor(layer, dtype=torch.int64), persistent=False)
+            # one tensor per decoder layer, shared by its projections: q/k/v's calls then have
+            # equal arguments (one graph input, not three equal ones) and inductor runs the op once
+            ids = layer_ids.setdefault(layer, torch.tensor(layer, dtype=torch.int64))
+            self.register_buffer("layer", ids, persistent=False)
 
         def forward(self, x):
             if not self.training or self.p == 0:
@@ -509,6 +512,7 @@ def cpu_lora_dropout(peft_model) -> int:
             return f"p={self.p}, salt={self.salt}"
 
     salts: dict[str, int] = {}
+    layer_ids: dict[int, object] = {}
     changed = 0
     for path, module in peft_model.named_modules():
         drops = getattr(module, "lora_dropout", None)
