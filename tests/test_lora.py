@@ -485,3 +485,43 @@ def test_right_padded_losses_and_gradients_equal_those_with_the_padding_mask(tin
     for n in ga:
         scale = float(gb[n].abs().max()) + 1e-12
         assert float((ga[n] - gb[n]).abs().max()) / scale < 1e-4, n
+
+
+def test_train_attention_keeps_the_models_own_unless_set():
+    from kolora.device import resolve_attention
+    from kolora.errors import KoloraError
+
+    cfg = RunConfig()
+    assert resolve_attention(cfg, use_cuda=False, compiled=True)[0] is None
+    for impl in ("sdpa", "eager"):
+        cfg.train.attention = impl
+        assert resolve_attention(cfg, use_cuda=False, compiled=True)[0] == impl
+    cfg.train.attention = "flash"
+    with pytest.raises(KoloraError, match="train.attention"):
+        resolve_attention(cfg, use_cuda=False, compiled=True)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_eager_attention_set_on_the_lora_model_gives_the_sdpa_losses_and_gradients(tiny_models, arch):
+    """train.attention switches the LoRA-wrapped model's attention (as training does, after attach_lora):
+    the answer loss and the LoRA gradients are those of SDPA, padded rows and Gemma's sliding window included."""
+    torch.manual_seed(0)
+    tok, model, _, _ = setup(tiny_models[arch], arch)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    exs = [Example("전세권이란?", "민법 제303조에 따른 권리입니다."),
+           Example("임대차 기간을 정하지 않았으면 어떻게 되나요? " * 6, "2년으로 봅니다. 주택임대차보호법 제4조 제1항입니다.")]
+    batch = collate([Tokenized(*encode_example(tok, e)) for e in exs], tok.pad_token_id)
+    results = []
+    for impl in ("sdpa", "eager"):
+        model.set_attn_implementation(impl)
+        assert model.get_base_model().config._attn_implementation == impl
+        model.zero_grad(set_to_none=True)
+        total, _ = answer_loss_module(model)(**batch)
+        total.backward()
+        results.append((total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, rtol=1e-5) and ga.keys() == gb.keys() and ga
+    for n in ga:
+        assert float((ga[n] - gb[n]).abs().max()) / (float(gb[n].abs().max()) + 1e-12) < 1e-4, n

@@ -135,10 +135,12 @@ def test_compiled_layers_train_like_eager(tiny_models, small_csv, tmp_path, arch
     for mode in ("true", "false"):
         run = tmp_path / mode
         r = run_cli("train", "--model", str(tiny_models[arch]), "--data", str(small_csv), "--out", str(run), *TINY_TRAIN,
-                    "--max-steps", "4", "--lora.dropout", "0", "--train.compile", mode, "--train.health_check", "0")
+                    "--max-steps", "4", "--lora.dropout", "0", "--train.compile", mode, "--train.health_check", "0",
+                    "--train.attention", "eager" if mode == "true" else "sdpa")  # and eager attention compiled
         assert r.returncode == 0, r.stderr[-3000:]
         info = json.loads((run / "run.json").read_text())
         assert info["compile"].startswith("on" if mode == "true" else "off")
+        assert info["attention"].startswith("eager" if mode == "true" else "sdpa")
         losses[mode] = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
         from safetensors import safe_open
 
@@ -153,7 +155,7 @@ def test_compiled_layers_train_like_eager(tiny_models, small_csv, tmp_path, arch
 
         killed = tmp_path / "killed"
         flags = [*TINY_TRAIN, "--max-steps", "4", "--lora.dropout", "0", "--train.compile", "true",
-                 "--train.health_check", "0"]
+                 "--train.health_check", "0", "--train.attention", "eager"]
         r = run_cli("train", "--model", str(tiny_models[arch]), "--data", str(small_csv), "--out", str(killed), *flags,
                     env={"KOLORA_FAULTS": "kill-at-micro=7"})
         assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])

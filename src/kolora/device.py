@@ -204,6 +204,23 @@ def resolve_compile(cfg, use_cuda: bool, n_params: int) -> tuple[bool, str]:
     return True, "on (auto)"
 
 
+def resolve_attention(cfg, use_cuda: bool, compiled: bool) -> tuple[str | None, str]:
+    """(attention implementation to set, or None to keep the model's; why).
+
+    auto keeps the model's own (SDPA). transformers' eager attention, which inductor compiles into
+    two batched matmuls and one fused softmax, was measured on the Gemma-3 demo preset (AMD EPYC,
+    20 steps, bench/HISTORY.md session 32): +10% tokens/s in one pair of runs, −3% in another,
+    and +240 MB of peak RSS in both (it saves the probabilities, which grow with the square of
+    the length), so it is not the default; `train.attention eager` tries it."""
+    value = str(cfg.train.attention).lower()
+    if value in ("sdpa", "eager"):
+        return value, f"{value} (train.attention)"
+    if value != "auto":
+        raise KoloraError(f"train.attention '{cfg.train.attention}' is not one of auto, sdpa, eager",
+                          "set --train.attention auto, sdpa or eager")
+    return None, "the model's own (auto)"
+
+
 class CompiledLayers:
     """torch.compile each decoder layer in place (parameter names unchanged, so adapters and
     checkpoints look the same), with a switch back to eager: evaluation and generation would

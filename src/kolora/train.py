@@ -36,6 +36,7 @@ from .device import (
     is_oom,
     matmul_peak_gflops,
     peak_rss_mb,
+    resolve_attention,
     resolve_compile,
     train_flops,
 )
@@ -119,6 +120,7 @@ class Trainer:
     unwrapped: object = None  # loss_model without accelerate's wrappers
     compiled: CompiledLayers | None = None
     compile_why: str = ""
+    attention_why: str = ""
     targets: list = field(default_factory=list)
     quantized: int = 0
     n_train: int = 0
@@ -333,6 +335,10 @@ def setup_model(t: Trainer) -> None:
     t.say(f"model {cfg.model.name} ({t.src.kind}), base {dtype}, LoRA r={cfg.lora.r} on {','.join(t.targets)}: "
           f"{t.n_train / 1e6:.2f} M trainable ({100 * t.n_train / t.n_all:.2f}%)")
     do_compile, t.compile_why = resolve_compile(cfg, t.use_cuda, t.n_all)
+    attention, t.attention_why = resolve_attention(cfg, t.use_cuda, do_compile)
+    if attention and attention != getattr(model.config, "_attn_implementation", None):
+        model.set_attn_implementation(attention)  # before compiling: the graphs bake it in
+    t.say(f"attention: {t.attention_why}")
     t.compiled = CompiledLayers(model) if do_compile else None
     if t.compiled and not t.compiled.layers:
         t.compiled, t.compile_why = None, "off (no decoder layers found)"
@@ -410,7 +416,7 @@ def open_logs(t: Trainer) -> None:
                           model_path=t.src.path, base_dtype=t.precision.weights, precision=t.precision.mixed,
                           lora_targets=t.targets, trainable_params=t.n_train, total_params=t.n_all,
                           processes=t.accelerator.num_processes, quantization=cfg.model.quantization,
-                          quantized_modules=t.quantized, compile=t.compile_why, data_report=t.data_report,
+                          quantized_modules=t.quantized, compile=t.compile_why, attention=t.attention_why, data_report=t.data_report,
                           dropped_too_long=t.n_dropped, fingerprints=t.fingerprints,
                           retrieval_recall=t.retrieval_recall)
     t.accelerator.wait_for_everyone()
