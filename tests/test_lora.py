@@ -456,13 +456,8 @@ def test_the_padding_mask_is_dropped_only_for_right_padded_batches():
     assert causal_mask_only(None) is None
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_right_padded_losses_and_gradients_equal_those_with_the_padding_mask(tiny_models, arch, monkeypatch):
-    """Training drops the padding mask of right-padded batches (SDPA's causal kernel then skips the upper
-    triangle): the loss and every LoRA gradient equal the masked path's. One row is longer than the tiny
-    Gemma-3's sliding window (64), so its local layers build their own mask either way."""
-    import kolora.loss as loss_module
-
+def padded_past_the_window(arch, tiny_models):
+    """A LoRA model (B ≠ 0) and a right-padded batch of two rows, one past the tiny Gemma-3's sliding window (64)."""
     torch.manual_seed(0)
     tok, model, _, _ = setup(tiny_models[arch], arch)
     for n, p in model.named_parameters():
@@ -473,18 +468,37 @@ def test_right_padded_losses_and_gradients_equal_those_with_the_padding_mask(tin
     batch = collate([Tokenized(*encode_example(tok, e)) for e in exs], tok.pad_token_id)
     lengths = batch["attention_mask"].sum(1)
     assert int(lengths.max()) > 64 and int(lengths.min()) < batch["input_ids"].shape[1]  # padded, past the window
-    results = []
-    for drop in (True, False):
-        monkeypatch.setattr(loss_module, "DROP_RIGHT_PADDING_MASK", drop)
-        model.zero_grad(set_to_none=True)
-        total, count = answer_loss_module(model)(**batch)
-        total.backward()
-        results.append((total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (a, ga), (b, gb) = results
+    return model, batch
+
+
+def loss_and_lora_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    total, _ = answer_loss_module(model)(**batch)
+    total.backward()
+    return total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_loss_and_grads(first, second):
+    (a, ga), (b, gb) = first, second
     assert torch.allclose(a, b, rtol=1e-5) and ga.keys() == gb.keys() and ga
     for n in ga:
         scale = float(gb[n].abs().max()) + 1e-12
         assert float((ga[n] - gb[n]).abs().max()) / scale < 1e-4, n
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_right_padded_losses_and_gradients_equal_those_with_the_padding_mask(tiny_models, arch, monkeypatch):
+    """Training drops the padding mask of right-padded batches (SDPA's causal kernel then skips the upper
+    triangle): the loss and every LoRA gradient equal the masked path's. One row is longer than the tiny
+    Gemma-3's sliding window (64), so its local layers build their own mask either way."""
+    import kolora.loss as loss_module
+
+    model, batch = padded_past_the_window(arch, tiny_models)
+    results = []
+    for drop in (True, False):
+        monkeypatch.setattr(loss_module, "DROP_RIGHT_PADDING_MASK", drop)
+        results.append(loss_and_lora_grads(model, batch))
+    assert_same_loss_and_grads(*results)
 
 
 def test_train_attention_keeps_the_models_own_unless_set():
@@ -492,36 +506,23 @@ def test_train_attention_keeps_the_models_own_unless_set():
     from kolora.errors import KoloraError
 
     cfg = RunConfig()
-    assert resolve_attention(cfg, use_cuda=False, compiled=True)[0] is None
+    assert resolve_attention(cfg)[0] is None
     for impl in ("sdpa", "eager"):
         cfg.train.attention = impl
-        assert resolve_attention(cfg, use_cuda=False, compiled=True)[0] == impl
+        assert resolve_attention(cfg)[0] == impl
     cfg.train.attention = "flash"
     with pytest.raises(KoloraError, match="train.attention"):
-        resolve_attention(cfg, use_cuda=False, compiled=True)
+        resolve_attention(cfg)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_eager_attention_set_on_the_lora_model_gives_the_sdpa_losses_and_gradients(tiny_models, arch):
     """train.attention switches the LoRA-wrapped model's attention (as training does, after attach_lora):
     the answer loss and the LoRA gradients are those of SDPA, padded rows and Gemma's sliding window included."""
-    torch.manual_seed(0)
-    tok, model, _, _ = setup(tiny_models[arch], arch)
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
-    exs = [Example("전세권이란?", "민법 제303조에 따른 권리입니다."),
-           Example("임대차 기간을 정하지 않았으면 어떻게 되나요? " * 6, "2년으로 봅니다. 주택임대차보호법 제4조 제1항입니다.")]
-    batch = collate([Tokenized(*encode_example(tok, e)) for e in exs], tok.pad_token_id)
+    model, batch = padded_past_the_window(arch, tiny_models)
     results = []
     for impl in ("sdpa", "eager"):
         model.set_attn_implementation(impl)
         assert model.get_base_model().config._attn_implementation == impl
-        model.zero_grad(set_to_none=True)
-        total, _ = answer_loss_module(model)(**batch)
-        total.backward()
-        results.append((total.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (a, ga), (b, gb) = results
-    assert torch.allclose(a, b, rtol=1e-5) and ga.keys() == gb.keys() and ga
-    for n in ga:
-        assert float((ga[n] - gb[n]).abs().max()) / (float(gb[n].abs().max()) + 1e-12) < 1e-4, n
+        results.append(loss_and_lora_grads(model, batch))
+    assert_same_loss_and_grads(*results)

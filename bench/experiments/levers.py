@@ -161,25 +161,7 @@ def _padding_mask():
     return patch
 
 
-def _attention(impl: str):
-    """The model's attention through transformers' `impl` ("eager": matmul + softmax, which inductor compiles into
-    bmm and fused kernels) instead of SDPA's CPU flash kernel."""
-    def patch():
-        import kolora.models as m
-        import kolora.train as t
-
-        inner = m.load_model
-
-        def load_model(*a, **k):
-            model = inner(*a, **k)
-            model.set_attn_implementation(impl)
-            return model
-        m.load_model = t.load_model = load_model
-    return patch
-
-
 LEVERS = {
-    "eager-attention": _attention("eager"),
     "padding-mask": _padding_mask(),
     "profile-step-4": _profile_step(4),
     "dropout-per-projection": _dropout_per_projection(),

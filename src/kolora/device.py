@@ -204,7 +204,7 @@ def resolve_compile(cfg, use_cuda: bool, n_params: int) -> tuple[bool, str]:
     return True, "on (auto)"
 
 
-def resolve_attention(cfg, use_cuda: bool, compiled: bool) -> tuple[str | None, str]:
+def resolve_attention(cfg) -> tuple[str | None, str]:
     """(attention implementation to set, or None to keep the model's; why).
 
     auto keeps the model's own (SDPA). transformers' eager attention, which inductor compiles into

@@ -335,7 +335,7 @@ def setup_model(t: Trainer) -> None:
     t.say(f"model {cfg.model.name} ({t.src.kind}), base {dtype}, LoRA r={cfg.lora.r} on {','.join(t.targets)}: "
           f"{t.n_train / 1e6:.2f} M trainable ({100 * t.n_train / t.n_all:.2f}%)")
     do_compile, t.compile_why = resolve_compile(cfg, t.use_cuda, t.n_all)
-    attention, t.attention_why = resolve_attention(cfg, t.use_cuda, do_compile)
+    attention, t.attention_why = resolve_attention(cfg)
     if attention and attention != getattr(model.config, "_attn_implementation", None):
         model.set_attn_implementation(attention)  # before compiling: the graphs bake it in
     t.say(f"attention: {t.attention_why}")
