@@ -38,6 +38,9 @@ CASES = [
     ("smollm2-135m/bs2-ckpt", "configs/smollm2-135m.yaml", ["--train.batch_size", "2",
                                                             "--train.gradient_checkpointing", "true"]),
     ("gemma3-270m/bs2-fp32", "configs/gemma3-270m.yaml", ["--train.batch_size", "2", "--train.mixed_precision", "no"]),
+    # added 2026-12-07 (session 33) after the estimator was refitted on the five above: shapes the fit did not see
+    ("gemma3-270m/bs6-r8", "configs/gemma3-270m.yaml", ["--train.batch_size", "6", "--lora.r", "8"]),
+    ("smollm2-135m/bs4-len1024", "configs/smollm2-135m.yaml", ["--train.batch_size", "4", "--data.max_length", "1024"]),
 ]
 # stdout line prefix → the phase that starts after it
 PHASE_MARKS = [("model ", "eval0"), ("step 0 validation", "train"), ("evaluating the test split", "test"),

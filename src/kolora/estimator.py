@@ -55,15 +55,16 @@ GiB = 2**30
 #   6-step runs of the five cases (bf16 peak ~1,350 GFLOP/s): compiled decoder layers (train.compile
 #   auto) 0.168-0.218; eager (gradient checkpointing, which also recomputes the forward) 0.111;
 #   float32 without autocast 0.479 of the (much lower) float32 peak.
-# - avx512_bf16: the same script, 2026-12-07, AMD EPYC (AVX-512 BF16, no AMX), 2 cores, torch
-#   2.13 (bf16 peak 344-410 GFLOP/s), 4-step runs of the same five cases: compiled 0.379-0.495
-#   (0.43 puts all three within -12%/+15%), eager 0.269, float32 0.567 of the float32 peak.
-#   Fitted on those runs, so the time errors bench/HISTORY.md gives for them are in-sample.
+# - avx512_bf16: the same script, AMD EPYC (AVX-512 BF16, no AMX), 2 cores, torch 2.13 (bf16 peak
+#   344-410 GFLOP/s), 4-step runs of the same five cases. Refitted 2026-12-07 (session 33) after the
+#   issue-20 speed-ups (shared dropout masks, no padding mask): compiled 0.492-0.566 (0.53 puts all
+#   three within -7%/+7%), eager 0.330, float32 0.731 of the float32 peak; checked out of sample on
+#   the two cases the fit did not see (bench/HISTORY.md, session 33). Before them: 0.43 / 0.27 / 0.57.
 # - other (no bf16 instructions: training runs in float32): the avx512_bf16 figures, not
 #   calibrated on such a CPU.
 # With other jobs on the cores it falls far lower (training suffers more from contention than a
 # 0.3 s matmul does).
-AVX512_BF16_MFU = (0.43, 0.27, 0.57)
+AVX512_BF16_MFU = (0.53, 0.33, 0.73)
 CPU_MFU = {"amx": (0.19, 0.11, 0.45), "avx512_bf16": AVX512_BF16_MFU, "other": AVX512_BF16_MFU}
 # A GPU that is not here: typical LoRA training efficiency on consumer cards, and a peak
 # between an RTX 3060 and a 4070 (dense bf16 tensor cores). Assumptions, printed as such.
@@ -81,11 +82,13 @@ HEAP_RETENTION = 2.0
 LOGIT_BYTES_TRAIN = 12  # per answer row per vocabulary entry, see the module docstring
 # Compiled decoder layers (the CPU default): inductor recomputes pointwise results in backward
 # instead of saving them, and the head's cross entropy is one compiled function over a reused
-# logits buffer in the compute dtype, its gradient written in place (loss.ce_and_grad). Fitted on
-# the compiled cases of bench/estimate_validation.py (2026-12-04): their resident peak is the eager
-# probe's activations × 0.85 with no allocator slack (training trims the heap after every step,
-# device.heap_trimmer; the 2 × above was measured before that trim).
-COMPILED_ACTIVATIONS = 0.85
+# logits buffer in the compute dtype, its gradient written in place (loss.ce_and_grad). Their
+# resident peak is the eager probe's activations × this factor with no allocator slack (training
+# trims the heap after every step, device.heap_trimmer). Fitted on the four compiled cases of
+# bench/estimate_validation.py: 0.85 on 2026-12-04 (Intel Xeon); 0.65 on 2026-12-07 (session 33,
+# AMD EPYC) once right-padded batches dropped their padding mask (the flash kernel keeps less for
+# backward than the masked path) and q/k/v shared one dropout mask: the four within -7%/+5%.
+COMPILED_ACTIVATIONS = 0.65
 LOGIT_BYTES_EVAL = 8
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weight + 8-bit scale per 64 + fp32 per 256 scales
 
