@@ -7,7 +7,8 @@ RUN is a trained run (the demo: `runs/demo`). Its test questions are put in the 
 tuned model answers them greedily with the budget eval uses (1.5 × the longest reference):
 
 - `kolora bN`: `kolora.generation.generate_details` with N questions at a time, the path of
-  chat, eval and serve (left-padded batch, KV cache, a row leaves the batch at its EOS);
+  chat, eval and serve (left-padded batch, KV cache, a row leaves the batch at its EOS; one
+  prompt alone goes to `generate`, there being no other row to drop);
 - `generate bN`: `model.generate` on the same batches, the peer (a finished row keeps decoding
   until the batch's last row ends).
 
