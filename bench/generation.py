@@ -42,7 +42,7 @@ def main() -> int:
     from kolora import grounding
     from kolora.data import Example
     from kolora.evaluate import answer_budget, load_eval_examples
-    from kolora.generation import GenConfig, contiguous_head_input, generate_details, load_tuned
+    from kolora.generation import GenConfig, contiguous_head_input, generate_details, left_padded, load_tuned, pad_id, until_eos
     from kolora.prompt import encode_prompt
     from kolora.runs import open_run
 
@@ -61,27 +61,18 @@ def main() -> int:
                                                 context=ex.context), cfg.data.system_prompt, cfg.data.template)
                for ex in examples]
     prompts.sort(key=len)  # as eval batches them: similar lengths together
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     print(f"{len(prompts)} questions, prompts {len(prompts[0])}-{len(prompts[-1])} tokens, budget "
           f"{gen.max_new_tokens} new tokens, grounded: {found is not None}; {cpu_name()}, "
           f"{torch.get_num_threads()} threads", flush=True)
 
     def peer(batch):
-        width = max(len(p) for p in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(batch):
-            ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+        ids, mask = left_padded(batch, pad)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=gen.max_new_tokens,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, do_sample=False,
-                                 temperature=None, top_p=None, top_k=None)[:, width:]
-        rows = []
-        for row in out.tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[:row.index(tokenizer.eos_token_id) + 1]
-            rows.append(row)
-        return rows
+                                 temperature=None, top_p=None, top_k=None)[:, ids.shape[1]:]
+        return [until_eos(row, tokenizer.eos_token_id)[0] for row in out.tolist()]
 
     def ours(batch):
         generations, _ = generate_details(model, tokenizer, batch, gen)

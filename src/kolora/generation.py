@@ -169,19 +169,40 @@ def greedy_batch(model, ids, mask, max_new_tokens: int, eos: int, pad: int):
     return out
 
 
-def generate_details(model, tokenizer, prompts: list[list[int]], gen: GenConfig, streamer=None) -> tuple[list[Generation], dict]:
-    """Batched generation (left-padded prompts, KV cache): per-row text, length and whether it stopped."""
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def left_padded(prompts: list[list[int]], pad: int):
+    """(ids, mask) of a left-padded batch: each prompt ends at the last column, as decoding needs."""
     import torch
 
-    contiguous_head_input(model)
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
         ids[row, width - len(p):] = torch.tensor(p)
         mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def until_eos(row: list[int], eos: int) -> tuple[list[int], bool]:
+    """A decoded row up to and including its first EOS, and whether it has one: finished rows are
+    padded after their EOS (and SmolLM2's pad *is* its EOS)."""
+    if eos in row:
+        return row[:row.index(eos) + 1], True
+    return row, False
+
+
+def generate_details(model, tokenizer, prompts: list[list[int]], gen: GenConfig, streamer=None) -> tuple[list[Generation], dict]:
+    """Batched generation (left-padded prompts, KV cache): per-row text, length and whether it stopped."""
+    import torch
+
+    contiguous_head_input(model)
+
+    pad = pad_id(tokenizer)
+    ids, mask = left_padded(prompts, pad)
+    width = ids.shape[1]
     device = next(model.parameters()).device
     t0 = time.time()
     if len(prompts) > 1 and streamer is None and gen.temperature == 0 and gen.repetition_penalty == 1.0:
@@ -199,10 +220,7 @@ def generate_details(model, tokenizer, prompts: list[list[int]], gen: GenConfig,
                                  **kwargs)[:, width:]
     rows, n_new = [], 0
     for row in out.tolist():
-        # finished rows are padded after their EOS (and SmolLM2's pad *is* its EOS): cut at the first one
-        stopped = tokenizer.eos_token_id in row
-        if stopped:
-            row = row[:row.index(tokenizer.eos_token_id) + 1]
+        row, stopped = until_eos(row, tokenizer.eos_token_id)
         n_new += len(row)
         rows.append(Generation(tokenizer.decode(row, skip_special_tokens=True).strip(), len(row), stopped))
     seconds = time.time() - t0
