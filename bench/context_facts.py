@@ -7,6 +7,10 @@ a paragraph when that article's paragraph is in the rendered text ('제N항 …'
 layouts), a number when the context states that value. This is the ceiling of fact recall for a
 model that copies perfectly from its passages.
 
+It also counts, for the references that cite a paragraph ('제N조 제M항') of a shown article with
+several paragraphs, how often 제M항 is the first paragraph under that article's header: a small
+model copies the first label it sees (bench/HISTORY.md session 34).
+
     python bench/context_facts.py runs/demo [--k 3 --context-tokens 240] [--split test]
 
 To measure another commit's layout, put its src first:
@@ -53,6 +57,22 @@ def visible(fact: str, passages, context: str) -> bool:
     return False
 
 
+def first_label(fact: str, passages, context: str) -> bool | None:
+    """Whether a paragraph fact's paragraph opens its article in the context; None when the fact
+    is not a paragraph of a shown article that has several paragraphs."""
+    m = REF.fullmatch(fact)
+    if not m or not m[2]:
+        return None
+    for p in passages:
+        if p.article == m[1] and len(paragraphs(p.text)) > 1:
+            block = context.split(f"[{p.header}]\n", 1)
+            if len(block) < 2:
+                return None
+            line = next((x for x in block[1].split("\n") if x != "…"), "")  # '…': paragraphs left out
+            return line.startswith(f"제{m[2]}항 ") or line.startswith(CIRCLED[int(m[2]) - 1])
+    return None
+
+
 def render(passages, tokenizer, budget: int, question: str) -> str:
     try:
         return grounding.render_context(passages, tokenizer, budget, question)
@@ -73,7 +93,7 @@ def main() -> None:
     k, budget = a.k or cfg.retrieval.k, a.context_tokens or cfg.retrieval.context_tokens
     tok = AutoTokenizer.from_pretrained(run / "tokenizer")
     rows = [json.loads(line) for line in open(run / "data" / f"{a.split}.jsonl", encoding="utf-8")]
-    facts = seen = tokens = 0
+    facts = seen = tokens = firsts = first_right = 0
     for r in rows:
         passages = [h.passage for h in g.index.search(r["question"], k)]
         context = render(passages, tok, budget, r["question"])
@@ -81,8 +101,13 @@ def main() -> None:
         for f in extract_facts(r["answer"]):
             facts += 1
             seen += visible(f, passages, context)
+            right = first_label(f, passages, context)
+            if right is not None:
+                firsts += 1
+                first_right += right
     print(f"{run} {a.split}: k {k}, {budget} context tokens: {seen}/{facts} reference facts visible "
-          f"({seen / facts:.2f}), mean context {tokens / len(rows):.0f} tokens")
+          f"({seen / facts:.2f}), mean context {tokens / len(rows):.0f} tokens; the cited paragraph opens its "
+          f"article for {first_right}/{firsts} paragraph references")
 
 
 if __name__ == "__main__":

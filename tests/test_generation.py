@@ -114,3 +114,30 @@ def test_verify_replaces_a_failing_answer_with_the_first_candidate_that_passes(m
     assert (out[1].text, out[1].tries, out[1].first) == ("좋은 후보 제3조", 4, "나쁜 답")  # not the unstopped one
     assert (out[2].text, out[2].tries) == ("나쁜 답 제5조", 0)  # a candidate that drops the citation does not count
     assert counts["failed_first"] == 2 and counts["replaced"] == 1
+
+
+def test_verify_answers_again_an_answer_that_loops_or_never_ends(monkeypatch):
+    """--verify also re-answers what the health check rejects: a first answer that passes the
+    citation check but loops, or ran out of budget without EOS; a looping candidate does not
+    replace it."""
+    from types import SimpleNamespace
+
+    from kolora import generation as G
+    from kolora.data import Example
+
+    loop = "제1조에 따라 " + "임차인이 그 기간 동안 주택을 사용한 경우, " * 4
+    first = [G.Generation("좋은 답 제1조", 5, True), G.Generation(loop, 9, True), G.Generation("끝나지 않는 답 제2조", 9, False)]
+    candidates = [G.Generation(t, 3, True) for t in [loop, "고친 답 제1조", "또 고친 답 제2조", "안 쓰임 제2조"]]
+    monkeypatch.setattr(G, "generate_details", lambda model, tok, prompts, gen, streamer=None: (
+        candidates[:len(prompts)], {"new_tokens": 3 * len(prompts), "seconds": 0.0}))
+
+    def check(answer, question):
+        return SimpleNamespace(unsupported=[], cites="제" in answer)
+
+    out, counts = G.verified(None, None, [[1], [2], [3]], [Example(f"질문 {i}", "") for i in range(3)], first,
+                             G.GenConfig(verify=2), check, 32)
+    assert out[0] == first[0]
+    assert (out[1].text, out[1].tries) == ("고친 답 제1조", 3)  # the looping candidate was passed over
+    assert (out[2].text, out[2].tries) == ("또 고친 답 제2조", 2)
+    assert counts["failed_first"] == 2 and counts["failed_why"] == {"claims": 0, "no_eos": 1, "loop": 1}
+    assert G.find_loop(loop) is not None

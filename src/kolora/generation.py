@@ -34,8 +34,8 @@ class GenConfig:
     # included; llama.cpp and Ollama only the last 64, so any penalty > 1 makes them differ)
     repetition_penalty: float = 1.0
     seed: int = 0
-    # grounded runs (chat, eval): an answer that fails the citation check is answered again by
-    # sampling up to `verify` candidates, and the first that passes replaces it (0 = off)
+    # grounded runs (chat, eval): an answer that fails the citation check, never ends or loops is
+    # answered again by sampling up to `verify` candidates, and the first that passes replaces it (0 = off)
     verify: int = 0
 
 
@@ -48,8 +48,8 @@ GEN_FLAGS = {  # flag -> (GenConfig field, type, help)
 }
 # chat and eval only: a served answer streams as it is written and cannot be taken back
 VERIFY_FLAG = ("--verify", "grounded runs: an answer that fails the citation check (an article the corpus lacks, a "
-                           "number no cited article states) is answered again, up to N sampled candidates, and the "
-                           "first that passes replaces it (0 = off)")
+                           "number no cited article states), never ends or loops is answered again, up to N sampled "
+                           "candidates, and the first that passes replaces it (0 = off)")
 
 
 def add_gen_flags(p, defaults: GenConfig | None = None, helps: dict[str, str] | None = None) -> None:
@@ -268,26 +268,33 @@ VERIFY_TEMPERATURE = 0.7  # candidates differ from the greedy answer yet stay cl
 
 
 def verified(model, tokenizer, prompts, examples, first: list[Generation], gen: GenConfig, check, batch_size: int):
-    """Answer again where the first answer fails the citation check.
+    """Answer again where the first answer fails the checks: the citation check, or the health
+    check (it never ended with EOS within the budget, or it loops).
 
     A small grounded model gets the form of an answer right far more often than its article
     and paragraph numbers and figures, and the check (every cited article exists, every number
-    is in a cited article or the question) finds most of those slips without a model. For each
-    answer it rejects, `gen.verify` candidates are sampled (temperature 0.7, `gen.seed`) and
-    the first that passes, stops with EOS and still cites an article (where the first answer
-    did) replaces it. Where none passes the first answer stays, so nothing is hidden: the
-    caller still checks and reports what is kept. Returns (generations, counts)."""
+    is in a cited article or the question) finds most of those slips without a model. Greedy
+    decoding also falls into a loop now and then (5 of 57 demo answers, bench/HISTORY.md
+    session 34), which a sampled answer to the same prompt rarely repeats. For each answer
+    that fails, `gen.verify` candidates are sampled (temperature 0.7, `gen.seed`) and the first
+    that passes the citation check, stops with EOS, does not loop and still cites an article
+    (where the first answer did) replaces it. Where none passes the first answer stays, so
+    nothing is hidden: the caller still checks and reports what is kept. Returns (generations,
+    counts; `failed_why` counts each reason once per answer that had it)."""
     import dataclasses
 
     def passes(g: Generation, ex: Example, cited: bool) -> bool:
         report = check(g.text, ex.question)
-        return not report.unsupported and g.stopped and (report.cites or not cited)
+        return not report.unsupported and g.stopped and find_loop(g.text) is None and (report.cites or not cited)
 
-    failing = []
+    failing, why = [], {"claims": 0, "no_eos": 0, "loop": 0}
     for i, (ex, g) in enumerate(zip(examples, first)):
         report = check(g.text, ex.question)
-        if report.unsupported:
+        reasons = {"claims": bool(report.unsupported), "no_eos": not g.stopped, "loop": find_loop(g.text) is not None}
+        if any(reasons.values()):
             failing.append((i, report.cites))
+            for k, v in reasons.items():
+                why[k] += v
     t0, sampled, out = time.time(), 0, list(first)
     sample = dataclasses.replace(gen, temperature=VERIFY_TEMPERATURE)
     per_batch = max(1, batch_size // gen.verify)  # questions per batch: each is answered gen.verify times
@@ -303,7 +310,7 @@ def verified(model, tokenizer, prompts, examples, first: list[Generation], gen: 
                 out[i] = dataclasses.replace(first[i], tries=0)
             else:
                 out[i] = dataclasses.replace(tries[kept], tries=kept + 2, first=first[i].text)
-    return out, {"checked": len(first), "failed_first": len(failing),
+    return out, {"checked": len(first), "failed_first": len(failing), "failed_why": why,
                  "replaced": sum(g.tries > 1 for g in out), "sampled_tokens": sampled,
                  "seconds": round(time.time() - t0, 1)}
 
