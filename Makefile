@@ -31,8 +31,8 @@ install-llamacpp: install
 
 demo: install
 	$(KOLORA) train --config configs/gemma3-270m.yaml --force
-	$(KOLORA) chat runs/demo --quick-test 3 --compare
-	$(KOLORA) eval runs/demo
+	$(KOLORA) chat runs/demo --quick-test 3 --compare --verify 2
+	$(KOLORA) eval runs/demo --verify 2
 
 # One pytest-xdist worker per core (tests are mostly Python work; tests/conftest.py has the schedule).
 PYTEST_WORKERS ?= auto

@@ -45,12 +45,12 @@ def test_the_output_layer_gets_a_contiguous_input_and_answers_do_not_change(tiny
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("adapter", [False, True])
 def test_dropping_finished_rows_gives_generates_tokens(tiny_models, arch, adapter):
-    """`greedy_batch` drops a row from the batch and the KV cache at its EOS; every row must still
+    """`decode_batch` drops a row from the batch and the KV cache at its EOS; every row must still
     get exactly the tokens `model.generate` gives it, including rows that outlive the others and a
     prompt that runs past Gemma-3's sliding window (64 in the tiny config)."""
     from peft import LoraConfig, get_peft_model
 
-    from kolora.generation import greedy_batch
+    from kolora.generation import decode_batch
 
     src = ModelSource(arch, str(tiny_models[arch]), "local")
     tok = load_tokenizer(src)
@@ -73,7 +73,7 @@ def test_dropping_finished_rows_gives_generates_tokens(tiny_models, arch, adapte
     free = reference(None).tolist()
     eos = next(t for t in free[0][1:8] if any(t not in row for row in free[1:]))
     expected = reference(eos)
-    got = greedy_batch(model, ids, mask, 24, eos, pad)
+    got = decode_batch(model, ids, mask, 24, eos, pad)
     ends = [row.index(eos) if eos in row else None for row in expected.tolist()]
     assert any(e is not None and e < 23 for e in ends) and None in ends  # rows really were dropped early
     width_out = expected.shape[1]  # generate stops when every row has ended
@@ -141,3 +141,27 @@ def test_verify_answers_again_an_answer_that_loops_or_never_ends(monkeypatch):
     assert (out[2].text, out[2].tries) == ("또 고친 답 제2조", 2)
     assert counts["failed_first"] == 2 and counts["failed_why"] == {"claims": 0, "no_eos": 1, "loop": 1}
     assert G.find_loop(loop) is not None
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_sampled_decoding_is_seeded_and_a_tiny_nucleus_is_greedy(tiny_models, arch):
+    """`decode_batch` with temperature > 0 (--verify's candidates): the same seed gives the same
+    tokens, another seed other tokens; a nucleus that holds only the most likely token gives the
+    greedy answer exactly."""
+    from kolora.generation import decode_batch
+
+    src = ModelSource(arch, str(tiny_models[arch]), "local")
+    tok = load_tokenizer(src)
+    prompts = [tok(t).input_ids for t in ["전세 기간은 몇 년인가요?", "보증금", "묵시적 갱신과 계약 해지 통지"]]
+    width, pad = max(map(len, prompts)), tok.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    model = load_model(src, "float32").eval()
+    no_eos = -1  # every row decodes the whole budget
+    greedy = decode_batch(model, ids, mask, 16, no_eos, pad)
+    a = decode_batch(model, ids, mask, 16, no_eos, pad, temperature=1.0, top_p=1.0, seed=3)
+    b = decode_batch(model, ids, mask, 16, no_eos, pad, temperature=1.0, top_p=1.0, seed=3)
+    c = decode_batch(model, ids, mask, 16, no_eos, pad, temperature=1.0, top_p=1.0, seed=4)
+    assert a.tolist() == b.tolist() and a.tolist() != c.tolist() and a.tolist() != greedy.tolist()
+    tiny = decode_batch(model, ids, mask, 16, no_eos, pad, temperature=1.0, top_p=1e-9, seed=3)
+    assert tiny.tolist() == greedy.tolist()

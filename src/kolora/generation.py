@@ -130,13 +130,18 @@ def contiguous_head_input(model) -> None:
     head._kolora_contiguous = True
 
 
-def greedy_batch(model, ids, mask, max_new_tokens: int, eos: int, pad: int):
-    """Greedy decoding of a left-padded batch that drops each row from the batch, and from the KV
-    cache, once it has produced EOS. `model.generate` keeps a finished row until the longest one
-    ends: in `kolora eval` one looping answer kept all 32 rows of its batch decoding for the whole
-    budget (tuned answers: 4,701 tokens for 9,177 decoded row-steps). Each row's tokens are the
-    ones `generate` gives (same positions, mask and cache; tests/test_generation.py compares them
-    on every architecture). Returns the new tokens, (rows × steps), padded with `pad` after EOS."""
+def decode_batch(model, ids, mask, max_new_tokens: int, eos: int, pad: int,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
+    """Decoding of a left-padded batch that drops each row from the batch, and from the KV cache,
+    once it has produced EOS. `model.generate` keeps a finished row until the longest one ends:
+    in `kolora eval` one looping answer kept all 32 rows of its batch decoding for the whole
+    budget (tuned answers: 4,701 tokens for 9,177 decoded row-steps). Greedy (temperature 0):
+    each row's tokens are the ones `generate` gives (same positions, mask and cache;
+    tests/test_generation.py compares them on every architecture). With temperature > 0 each
+    token is sampled from the nucleus `top_p` of softmax(logits / temperature) with a generator
+    seeded by `seed` (`--verify`'s candidates: 4 per failing question, where a sampled candidate
+    that loops would otherwise hold the other rows of its batch to the whole budget). Returns
+    the new tokens, (rows × steps), padded with `pad` after EOS."""
     import inspect
 
     import torch
@@ -151,11 +156,12 @@ def greedy_batch(model, ids, mask, max_new_tokens: int, eos: int, pad: int):
     # positions as generate makes them for left padding: count real tokens, padding at 0
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     inputs = ids
+    rng = torch.Generator(device=ids.device).manual_seed(seed) if temperature > 0 else None
     with torch.no_grad():
         for step in range(max_new_tokens):
             logits = model(input_ids=inputs, attention_mask=mask, position_ids=positions, use_cache=True,
                            logits_to_keep=1, **{cache_arg: cache}).logits[:, -1]
-            nxt = logits.argmax(-1)
+            nxt = logits.argmax(-1) if temperature <= 0 else sample_next(logits, temperature, top_p, rng)
             out[alive, step] = nxt.cpu()
             keep = (nxt != eos).nonzero().squeeze(1)
             if len(keep) == 0 or step == max_new_tokens - 1:
@@ -167,6 +173,22 @@ def greedy_batch(model, ids, mask, max_new_tokens: int, eos: int, pad: int):
             positions = positions[:, -1:] + 1
             inputs = nxt[:, None]
     return out
+
+
+TOP_K = 50  # transformers' default for sampling, which chat's streamed path (model.generate) uses
+
+
+def sample_next(logits, temperature: float, top_p: float, rng):
+    """One token per row, filtered as transformers samples (temperature, then the `TOP_K` most
+    likely tokens, then the smallest of those whose probability reaches `top_p`; the most likely
+    token always stays in)."""
+    import torch
+
+    top, index = (logits.float() / temperature).topk(min(TOP_K, logits.shape[-1]), dim=-1)  # sorted, descending
+    probs = torch.softmax(top, dim=-1)
+    if top_p < 1.0:
+        probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)  # the mass before it already reaches top_p
+    return index.gather(-1, torch.multinomial(probs, 1, generator=rng)).squeeze(1)
 
 
 def pad_id(tokenizer) -> int:
@@ -205,8 +227,9 @@ def generate_details(model, tokenizer, prompts: list[list[int]], gen: GenConfig,
     width = ids.shape[1]
     device = next(model.parameters()).device
     t0 = time.time()
-    if len(prompts) > 1 and streamer is None and gen.temperature == 0 and gen.repetition_penalty == 1.0:
-        out = greedy_batch(model, ids.to(device), mask.to(device), gen.max_new_tokens, tokenizer.eos_token_id, pad)
+    if len(prompts) > 1 and streamer is None and gen.repetition_penalty == 1.0:
+        out = decode_batch(model, ids.to(device), mask.to(device), gen.max_new_tokens, tokenizer.eos_token_id, pad,
+                           gen.temperature, gen.top_p, gen.seed)
     else:
         kwargs = dict(max_new_tokens=gen.max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad,
                       repetition_penalty=gen.repetition_penalty, use_cache=True)
