@@ -138,9 +138,10 @@ def decode_batch(model, ids, mask, max_new_tokens: int, eos: int, pad: int,
     budget (tuned answers: 4,701 tokens for 9,177 decoded row-steps). Greedy (temperature 0):
     each row's tokens are the ones `generate` gives (same positions, mask and cache;
     tests/test_generation.py compares them on every architecture). With temperature > 0 each
-    token is sampled from the nucleus `top_p` of softmax(logits / temperature) with a generator
-    seeded by `seed` (`--verify`'s candidates: 4 per failing question, where a sampled candidate
-    that loops would otherwise hold the other rows of its batch to the whole budget). Returns
+    token is sampled as transformers samples (`sample_next`: temperature, top-k 50, top-p) with
+    a generator seeded by `seed` (`--verify`'s candidates: N per failing question, where a
+    sampled candidate that loops would otherwise hold the other rows of its batch to the whole
+    budget). Returns
     the new tokens, (rows × steps), padded with `pad` after EOS."""
     import inspect
 
