@@ -40,10 +40,17 @@ def main() -> int:
     import transformers
 
     from kolora import grounding
-    from kolora.data import Example
     from kolora.evaluate import answer_budget, load_eval_examples
-    from kolora.generation import GenConfig, contiguous_head_input, generate_details, left_padded, load_tuned, pad_id, until_eos
-    from kolora.prompt import encode_prompt
+    from kolora.generation import (
+        GenConfig,
+        answer_prompts,
+        contiguous_head_input,
+        generate_details,
+        left_padded,
+        load_tuned,
+        pad_id,
+        until_eos,
+    )
     from kolora.runs import open_run
 
     run = open_run(args.run)
@@ -55,11 +62,8 @@ def main() -> int:
     contiguous_head_input(model)
     found = grounding.load(run.path, cfg)
     if found is not None:
-        examples = [grounding.with_context(ex, found.retrieve(ex.question), tokenizer, found.context_tokens)
-                    for ex in examples]
-    prompts = [encode_prompt(tokenizer, Example(ex.question, "", history=ex.history, system=ex.system,
-                                                context=ex.context), cfg.data.system_prompt, cfg.data.template)
-               for ex in examples]
+        examples, _ = found.ground(examples, tokenizer)
+    prompts = answer_prompts(tokenizer, cfg, examples)
     prompts.sort(key=len)  # as eval batches them: similar lengths together
     pad = pad_id(tokenizer)
     print(f"{len(prompts)} questions, prompts {len(prompts[0])}-{len(prompts[-1])} tokens, budget "

@@ -148,14 +148,12 @@ def test_sampled_decoding_is_seeded_and_a_tiny_nucleus_is_greedy(tiny_models, ar
     """`decode_batch` with temperature > 0 (--verify's candidates): the same seed gives the same
     tokens, another seed other tokens; a nucleus that holds only the most likely token gives the
     greedy answer exactly."""
-    from kolora.generation import decode_batch
+    from kolora.generation import decode_batch, left_padded
 
     src = ModelSource(arch, str(tiny_models[arch]), "local")
     tok = load_tokenizer(src)
-    prompts = [tok(t).input_ids for t in ["전세 기간은 몇 년인가요?", "보증금", "묵시적 갱신과 계약 해지 통지"]]
-    width, pad = max(map(len, prompts)), tok.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    pad = tok.pad_token_id
+    ids, mask = left_padded([tok(t).input_ids for t in ["전세 기간은 몇 년인가요?", "보증금", "묵시적 갱신과 계약 해지 통지"]], pad)
     model = load_model(src, "float32").eval()
     no_eos = -1  # every row decodes the whole budget
     greedy = decode_batch(model, ids, mask, 16, no_eos, pad)

@@ -141,8 +141,7 @@ def decode_batch(model, ids, mask, max_new_tokens: int, eos: int, pad: int,
     token is sampled as transformers samples (`sample_next`: temperature, top-k 50, top-p) with
     a generator seeded by `seed` (`--verify`'s candidates: N per failing question, where a
     sampled candidate that loops would otherwise hold the other rows of its batch to the whole
-    budget). Returns
-    the new tokens, (rows × steps), padded with `pad` after EOS."""
+    budget). Returns the new tokens, (rows × steps), padded with `pad` after EOS."""
     import inspect
 
     import torch
@@ -257,6 +256,13 @@ def generate(model, tokenizer, prompts: list[list[int]], gen: GenConfig, streame
     return [r.text for r in rows], stats
 
 
+def answer_prompts(tokenizer, cfg, examples: list[Example]) -> list[list[int]]:
+    """The prompt token ids the model answers `examples` from: the training format with the answer
+    left out (question, history, system prompt and retrieved context kept)."""
+    return [encode_prompt(tokenizer, Example(ex.question, "", history=ex.history, system=ex.system, context=ex.context),
+                          cfg.data.system_prompt, cfg.data.template) for ex in examples]
+
+
 def generate_batched(model, tokenizer, cfg, examples: list[Example], gen: GenConfig, batch_size: int = 8,
                      progress=None, base: bool = False, check=None):
     """Answers to `examples` in the training prompt format, `batch_size` at a time. Prompts are
@@ -266,8 +272,7 @@ def generate_batched(model, tokenizer, cfg, examples: list[Example], gen: GenCon
     (`verified`). Returns (generations, speed)."""
     from contextlib import nullcontext
 
-    prompts = [encode_prompt(tokenizer, Example(ex.question, "", history=ex.history, system=ex.system, context=ex.context),
-                             cfg.data.system_prompt, cfg.data.template) for ex in examples]
+    prompts = answer_prompts(tokenizer, cfg, examples)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results = [None] * len(prompts)
     seconds, new_tokens = 0.0, 0
@@ -307,14 +312,17 @@ def verified(model, tokenizer, prompts, examples, first: list[Generation], gen: 
     counts; `failed_why` counts each reason once per answer that had it)."""
     import dataclasses
 
+    def failures(g: Generation, report) -> dict[str, bool]:
+        return {"claims": bool(report.unsupported), "no_eos": not g.stopped, "loop": find_loop(g.text) is not None}
+
     def passes(g: Generation, ex: Example, cited: bool) -> bool:
         report = check(g.text, ex.question)
-        return not report.unsupported and g.stopped and find_loop(g.text) is None and (report.cites or not cited)
+        return not any(failures(g, report).values()) and (report.cites or not cited)
 
     failing, why = [], {"claims": 0, "no_eos": 0, "loop": 0}
     for i, (ex, g) in enumerate(zip(examples, first)):
         report = check(g.text, ex.question)
-        reasons = {"claims": bool(report.unsupported), "no_eos": not g.stopped, "loop": find_loop(g.text) is not None}
+        reasons = failures(g, report)
         if any(reasons.values()):
             failing.append((i, report.cites))
             for k, v in reasons.items():
