@@ -60,12 +60,21 @@ GiB = 2**30
 #   issue-20 speed-ups (shared dropout masks, no padding mask): compiled 0.492-0.566 (0.53 puts all
 #   three within -7%/+7%), eager 0.330, float32 0.731 of the float32 peak; checked out of sample on
 #   the two cases the fit did not see (bench/HISTORY.md, session 33). Before them: 0.43 / 0.27 / 0.57.
-# - other (no bf16 instructions: training runs in float32): the avx512_bf16 figures, not
-#   calibrated on such a CPU.
+# - other (no bf16 instructions: training runs in float32): bench/estimate_validation.py, 2026-12-08
+#   (session 35), an Intel Xeon whose VM exposes no AVX-512 BF16 and no AMX, 2 cores, torch 2.13
+#   (float32 peak ~150 GFLOP/s, bf16 ~54: oneDNN without bf16 instructions), 4-step runs of five
+#   cases: float32 with compiled layers 0.576-0.830 (0.68 puts all four within -15%/+22%). The
+#   bf16 figures (only if a user forces bf16, 2.7-3.3x slower here): compiled 0.85 from one
+#   20-step Gemma run; eager not measured, the compiled figure times avx512_bf16's eager/compiled
+#   ratio.
+# Float32 without compiled layers (gradient checkpointing) takes the float32 figure times the
+# same kind's eager/compiled ratio: it recomputes the forward as eager bf16 does (measured on
+# `other`: 0.428, predicted 0.68 x 0.62 = 0.42).
 # With other jobs on the cores it falls far lower (training suffers more from contention than a
 # 0.3 s matmul does).
 AVX512_BF16_MFU = (0.53, 0.33, 0.73)
-CPU_MFU = {"amx": (0.19, 0.11, 0.45), "avx512_bf16": AVX512_BF16_MFU, "other": AVX512_BF16_MFU}
+CPU_MFU = {"amx": (0.19, 0.11, 0.45), "avx512_bf16": AVX512_BF16_MFU,
+           "other": (0.85, round(0.85 * AVX512_BF16_MFU[1] / AVX512_BF16_MFU[0], 2), 0.68)}
 # A GPU that is not here: typical LoRA training efficiency on consumer cards, and a peak
 # between an RTX 3060 and a 4070 (dense bf16 tensor cores). Assumptions, printed as such.
 MFU_GPU = 0.35
@@ -395,11 +404,11 @@ def parse_device(text: str, precision: str, peak_tflops: float | None, compiled:
         kind = cpu_class()
         mfu_compiled, mfu_eager, mfu_fp32 = CPU_MFU[kind]
         if precision not in ("bf16", "fp16"):
-            mfu, how = mfu_fp32, "float32"
+            mfu, how = (mfu_fp32, "float32") if compiled else (mfu_fp32 * mfu_eager / mfu_compiled, "float32, eager layers")
         else:
             mfu, how = (mfu_compiled, "compiled layers") if compiled else (mfu_eager, "eager layers")
         note = f"MFU {100 * mfu:.0f}% ({how}) " + (f"calibrated on real runs on an idle {kind} CPU" if kind != "other" else
-                                                   "calibrated on an AVX-512 BF16 CPU, not on this kind")
+                                                   "calibrated on real runs on an idle CPU without bf16 instructions")
         load, cores = _load_average(), os.cpu_count() or 1
         if load > cores:  # threads then wait on each other; measured 10-40x slower steps here
             note += f"; NOW load {load:.1f} on {cores} cores: expect training to be several times slower"
