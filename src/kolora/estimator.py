@@ -63,7 +63,7 @@ GiB = 2**30
 # - other (no bf16 instructions: training runs in float32): bench/estimate_validation.py, 2026-12-08
 #   (session 35), an Intel Xeon whose VM exposes no AVX-512 BF16 and no AMX, 2 cores, torch 2.13
 #   (float32 peak ~150 GFLOP/s, bf16 ~54: oneDNN without bf16 instructions), 4-step runs of five
-#   cases: float32 with compiled layers 0.576-0.830 (0.68 puts all four within -15%/+22%). The
+#   cases: the four with compiled layers 0.576-0.830 (0.68 puts them within -15%/+22%). The
 #   bf16 figures (only if a user forces bf16, 2.7-3.3x slower here): compiled 0.85 from one
 #   20-step Gemma run; eager not measured, the compiled figure times avx512_bf16's eager/compiled
 #   ratio.
